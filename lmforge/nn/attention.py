@@ -1,0 +1,121 @@
+"""Multi-head self-attention (with grouped-query option), its KV cache and its masks.
+
+All attention goes through `torch.nn.functional.scaled_dot_product_attention`, which picks a
+fused kernel (flash / memory-efficient / CPU flash) when the inputs allow it. The fast path is
+`is_causal=True` with no explicit mask (training, and prefill without padding); padding and
+cached decoding use a boolean mask built once per forward by `attention_mask_for`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.nn.positions import apply_rotary
+
+
+class KVCache:
+    """Pre-allocated keys/values for incremental decoding: one (B, H_kv, max_len, D) slab per layer.
+
+    Writing in place into a fixed buffer avoids the re-allocation that concatenating every step
+    costs. All sequences of a batch share one write position `pos`; prompts of different lengths
+    are left-padded so they all end at the same position.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (B, H_kv, T, D) keys/values and return all keys/values so far."""
+        end = self.pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (beam search reorders hypotheses between steps)."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+
+
+def attention_mask_for(
+    n_new: int, n_past: int, key_padding: torch.Tensor | None, causal: bool = True
+) -> torch.Tensor | None:
+    """Boolean mask (B|1, 1, n_new, n_past + n_new); True where a query may attend to a key.
+
+    Returns None when SDPA can do without one (`is_causal` covers the plain causal case, and a
+    single new token with no padding may attend to everything before it).
+    """
+    if key_padding is None:
+        if not causal or n_new == 1:
+            return None
+        if n_past == 0:
+            return None  # caller passes is_causal=True
+    device = key_padding.device if key_padding is not None else None
+    q = torch.arange(n_past, n_past + n_new, device=device)[:, None]
+    k = torch.arange(n_past + n_new, device=device)[None, :]
+    allowed = (k <= q) if causal else torch.ones(n_new, n_past + n_new, dtype=torch.bool, device=device)
+    if key_padding is None:
+        return allowed[None, None]
+    allowed = allowed[None] & key_padding[:, None, :].bool()
+    # A padding query (left padding) would otherwise see no key at all, and softmax over nothing
+    # is NaN, which leaks through 0 * NaN into real positions. Letting it see itself is harmless.
+    allowed = allowed | (k == q)[None]
+    return allowed[:, None]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused QKV projection (`c_attn`) and output `c_proj`.
+
+    With n_kv_head < n_head, groups of query heads share one key/value head (GQA, Ainslie et al.
+    2023); `c_attn` then produces n_head + 2*n_kv_head heads.
+    """
+
+    def __init__(self, dim: int, n_head: int, n_kv_head: int, bias: bool, dropout: float):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, dim // n_head
+        self.c_attn = nn.Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
+        self.c_proj = nn.Linear(n_head * self.head_dim, dim, bias=bias)
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        *,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache: KVCache | None = None,
+        layer_idx: int = 0,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.c_attn(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=2)
+        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, H_kv, T, D)
+        v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_idx, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal and attn_mask is None,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)
+        return self.resid_dropout(self.c_proj(y))
