@@ -1,0 +1,226 @@
+"""Checkpoint format: a folder with weights, config and tokenizer side by side.
+
+    CKPT/
+      model.safetensors      weights (tied tensors stored once)
+      config.json            {"format_version", "model_type", "model": {...}, "train": ..., "data": ...}
+      tokenizer.json         + tokenizer_config.json (loadable by HF's PreTrainedTokenizerFast)
+      state.pt               training state (optimizer, RNG, data position), only in RUN_DIR/last
+
+A training run directory holds `last/` and `best/` checkpoints beside its logs; anything that takes a
+checkpoint also takes the run directory (best, else last). Every checkpoint folder is written
+whole into a temporary folder and then renamed into place, so a crash mid-write leaves the
+previous checkpoint intact. Training state is read with `torch.load(weights_only=True)`:
+no pickled code is ever executed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmforge.config import from_dict
+from lmforge.errors import LmforgeError
+from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "state.pt"
+MODEL_TYPES = {"gpt": (GPT, GPTConfig)}
+
+
+@dataclass
+class Checkpoint:
+    model: GPT
+    tokenizer: Tokenizer
+    meta: dict[str, Any] = field(default_factory=dict)  # the whole config.json
+    path: Path | None = None
+
+
+@contextlib.contextmanager
+def atomic_dir(directory: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `directory` in two renames.
+
+    If the process dies between the renames, `directory` is missing and `.NAME.old` still holds
+    the previous version; `recover_dir` puts it back.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp"
+    old = directory.parent / f".{directory.name}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    recover_dir(directory)
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(directory.parent)
+
+
+def recover_dir(directory: Path) -> None:
+    """Restore `directory` from `.NAME.old` if a write died between its two renames."""
+    old = directory.parent / f".{directory.name}.old"
+    if not directory.exists() and old.exists():
+        os.replace(old, directory)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def model_type_of(model: torch.nn.Module) -> str:
+    for name, (cls, _) in MODEL_TYPES.items():
+        if isinstance(model, cls):
+            return name
+    raise TypeError(f"not an lmforge model: {type(model).__name__}")
+
+
+def weights_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with each tensor once (a tied lm_head is the embedding) and contiguous."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in model.state_dict().items():
+        key = tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor.detach().contiguous()
+    return out
+
+
+def save_checkpoint(
+    directory: str | Path,
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    *,
+    extra: dict[str, Any] | None = None,
+    train_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a complete checkpoint folder atomically; `extra` adds sections to config.json."""
+    directory = Path(directory)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model_type": model_type_of(model),
+        "model": asdict(model.config),
+        **(extra or {}),
+    }
+    with atomic_dir(directory) as tmp:
+        save_file(weights_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        tokenizer.save(tmp)
+        if train_state is not None:
+            torch.save(train_state, tmp / STATE_FILE)
+    return directory
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A checkpoint folder itself, or a run folder's `best/` (else `last/`)."""
+    path = Path(path)
+    for candidate in (path, path / "best", path / "last"):
+        recover_dir(candidate)
+        if (candidate / CONFIG_FILE).is_file():
+            return candidate
+    if not path.exists():
+        raise LmforgeError(f"checkpoint {str(path)!r} does not exist")
+    raise LmforgeError(
+        f"{str(path)!r} is not a checkpoint: expected {CONFIG_FILE} and {WEIGHTS_FILE} in it, "
+        f"or a run folder with best/ or last/"
+    )
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise LmforgeError(f"{directory / CONFIG_FILE} is not valid JSON: {e}") from e
+    return meta
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load an lmforge checkpoint (or run folder); Hugging Face folders are converted on the fly."""
+    directory = resolve_checkpoint_dir(path)
+    meta = read_meta(directory)
+    if "format_version" not in meta:
+        if "model_type" in meta:  # a Hugging Face folder (config.json with model_type "gpt2", ...)
+            from lmforge.interop import load_hf_checkpoint
+
+            return load_hf_checkpoint(directory, device=device)
+        raise LmforgeError(f"{str(directory)!r} is not an lmforge checkpoint (config.json has no format_version)")
+    version = meta["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise LmforgeError(
+            f"checkpoint {str(directory)!r} has format version {version}, but this lmforge reads versions "
+            f"up to {FORMAT_VERSION}; upgrade lmforge to load it"
+        )
+    model_type = meta.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise LmforgeError(
+            f"checkpoint {str(directory)!r} has model_type {model_type!r}; this lmforge knows: {', '.join(MODEL_TYPES)}"
+        )
+    model_cls, config_cls = MODEL_TYPES[model_type]
+    config = from_dict(config_cls, meta["model"], section="model")
+    model = model_cls(config)
+    load_weights(model, directory / WEIGHTS_FILE)
+    model.to(device).eval()
+    return Checkpoint(model=model, tokenizer=Tokenizer.load(directory), meta=meta, path=directory)
+
+
+def load_weights(model: torch.nn.Module, weights_file: Path) -> None:
+    if not weights_file.is_file():
+        raise LmforgeError(f"missing weights file {str(weights_file)!r}")
+    tensors = load_file(str(weights_file))
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in tensors and not _is_tied(model, k)]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        raise LmforgeError(
+            f"weights in {str(weights_file)!r} do not fit the model config: "
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+        )
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise LmforgeError(
+                f"weight {name} in {str(weights_file)!r} has shape {tuple(tensor.shape)}, "
+                f"the model config expects {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(tensors, strict=False)
+
+
+def _is_tied(model: torch.nn.Module, name: str) -> bool:
+    return name == "lm_head.weight" and getattr(model.config, "tie_embeddings", False)
+
+
+def save_train_state(path: Path, state: dict[str, Any]) -> None:
+    torch.save(state, path)
+
+
+def load_train_state(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise LmforgeError(f"no training state in {str(directory)!r} ({STATE_FILE} missing); cannot resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LmforgeError(f"training state {str(path)!r} could not be read safely: {e}".replace("\n", " ")) from e
