@@ -46,6 +46,12 @@ class Checkpoint:
     meta: dict[str, Any] = field(default_factory=dict)  # the whole config.json
     path: Path | None = None
 
+    def generate(self, prompts: str | list[str], **generation_kwargs: Any) -> list:
+        """Shortcut for `lmforge.generate.generate` with this checkpoint's model and tokenizer."""
+        from lmforge.generate import GenerationConfig, generate
+
+        return generate(self.model, self.tokenizer, prompts, GenerationConfig(**generation_kwargs))
+
 
 @contextlib.contextmanager
 def atomic_dir(directory: str | Path) -> Iterator[Path]:

@@ -1,0 +1,7 @@
+"""`python -m lmforge ...` (also what `torchrun -m lmforge` runs)."""
+
+import sys
+
+from lmforge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,310 @@
+"""`lmforge` command line: one short function per stage, over the library.
+
+    lmforge quickstart                  prepare the built-in corpus, train a small GPT, sample from it
+    lmforge prepare --data SRC ...      clean text, train a tokenizer, write token shards
+    lmforge train --data DIR --out RUN  pretrain (or --resume) a model
+    lmforge generate CKPT --prompt ...  sample text
+    lmforge eval CKPT --text FILE       loss and perplexity of a file
+    lmforge convert SRC DST             lmforge <-> Hugging Face checkpoints
+
+User errors (bad config, missing data, ...) print one line `lmforge: error: ...` and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+
+
+# ---- prepare ---------------------------------------------------------------------------------
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from lmforge.data import PrepareConfig, prepare
+
+    config = PrepareConfig(
+        source=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction, text_field=args.text_field,
+    )
+    manifest = prepare(config, args.out, progress=not args.no_progress)
+    tokens = manifest["tokens"]
+    print(
+        f"prepared {manifest['documents']} documents -> {tokens['train']:,} train + {tokens['val']:,} val tokens "
+        f"({manifest['tokenizer']} tokenizer, vocab {manifest['vocab_size']}) in {args.out}"
+    )
+
+
+# ---- train -----------------------------------------------------------------------------------
+def build_run_configs(
+    data: str | None, out: str, preset: str | None, config_file: str | None, overrides: list[str], resume: bool
+):
+    """Merge, lowest priority first: preset (or the resumed run's config), config file, --set."""
+    from lmforge.checkpoint import read_meta
+    from lmforge.config import from_dict, load_config_file, parse_overrides
+    from lmforge.models.gpt import GPT_PRESETS, GPTConfig
+    from lmforge.train import DataConfig, TrainConfig
+
+    sections = {"model": GPTConfig, "train": TrainConfig, "data": DataConfig}
+    raw: dict[str, dict] = {name: {} for name in sections}
+    if resume:
+        last = Path(out) / "last"
+        if not (last / "config.json").is_file():
+            raise LmforgeError(f"cannot resume: no checkpoint at {str(last)!r} (start without --resume)")
+        meta = read_meta(last)
+        raw = {name: dict(meta.get(name, {})) for name in sections}
+    file_sections = load_config_file(config_file) if config_file else {}
+    preset = preset or file_sections.pop("preset", None)
+    if preset is not None:
+        if preset not in GPT_PRESETS:
+            raise LmforgeError(f"unknown preset {preset!r}; choose one of: {', '.join(GPT_PRESETS)}")
+        if resume:
+            raise LmforgeError("--preset cannot change the model of a run being resumed; drop --preset")
+        raw["model"].update(GPT_PRESETS[preset])
+    elif not resume:
+        raw["model"].update(GPT_PRESETS["gpt-tiny"])
+    for name, values in file_sections.items():
+        if name not in sections:
+            raise LmforgeError(
+                f"config file {config_file!r} has unknown section [{name}]; valid sections are: "
+                f"{', '.join(sections)} (and a top-level preset)"
+            )
+        if not isinstance(values, dict):
+            raise LmforgeError(f"config file {config_file!r}: [{name}] must be a table of key = value")
+        raw[name].update(values)
+    if data is not None:
+        raw["data"]["path"] = data
+    for name, values in parse_overrides(overrides, sections).items():
+        raw[name].update(values)
+    data_config = from_dict(DataConfig, raw["data"], "data")
+    if "vocab_size" not in raw["model"]:
+        from lmforge.data import TokenData
+
+        raw["model"]["vocab_size"] = TokenData.open(data_config.path).vocab_size
+    model_config = from_dict(GPTConfig, raw["model"], "model")
+    train_config = from_dict(TrainConfig, raw["train"], "train")
+    return model_config, train_config, data_config
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from lmforge.train import train
+
+    if args.data is None and not args.resume:
+        raise LmforgeError("--data DATA_DIR is required (a folder made by `lmforge prepare`)")
+    model_config, train_config, data_config = build_run_configs(
+        args.data, args.out, args.preset, args.config, args.set or [], args.resume
+    )
+    from lmforge.models.gpt import GPT
+
+    n_params = GPT(model_config).num_params() if not args.resume else None
+    if n_params is not None:
+        print(
+            f"model: {n_params / 1e6:.2f}M parameters, "
+            f"{model_config.flops_per_token(n_params) / 1e6:.1f} MFLOPs per token (6N + 12LdT), "
+            f"context {model_config.block_size}, vocab {model_config.vocab_size}"
+        )
+    result = train(model_config if not args.resume else None, train_config, data_config, args.out,
+                   resume=args.resume, progress=not args.no_progress)
+    summary = f"stopped ({result.stop_reason}) at iter {result.iters} after {result.seconds:.0f}s"
+    if result.best_val_loss is not None:
+        summary += f"; best eval loss {result.best_val_loss:.4f}"
+    print(f"{summary}; checkpoints in {result.run_dir}/best and {result.run_dir}/last")
+
+
+# ---- generate --------------------------------------------------------------------------------
+def generation_config_from_args(args: argparse.Namespace):
+    from lmforge.generate import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, stop=args.stop or [],
+        num_return_sequences=args.num_return_sequences, seed=args.seed,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from lmforge.checkpoint import load_checkpoint
+    from lmforge.generate import generate
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        prompts += _read_prompt_file(args.prompt_file)
+    if not prompts:
+        raise LmforgeError("give at least one --prompt TEXT (or --prompt-file FILE, one prompt a line)")
+    config = generation_config_from_args(args)
+    ckpt = load_checkpoint(args.checkpoint, device=args.device)
+    stream = not args.json and not args.no_stream and len(prompts) * config.num_return_sequences == 1
+    if stream:
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
+
+    def on_text(index: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    results = generate(ckpt.model, ckpt.tokenizer, prompts, config, on_text=on_text if stream else None)
+    if args.json:
+        print(json.dumps([
+            {"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids, "prompt_ids": r.prompt_ids,
+             "finish_reason": r.finish_reason} for r in results
+        ], ensure_ascii=False, indent=2))
+    elif stream:
+        print()
+    else:
+        for i, r in enumerate(results):
+            print(f"--- sample {i + 1} (prompt {prompts.index(r.prompt) + 1}, {r.finish_reason}) ---")
+            print(r.prompt + r.text)
+
+
+def _read_prompt_file(path: str) -> list[str]:
+    p = Path(path)
+    if path != "-" and not p.is_file():
+        raise LmforgeError(f"--prompt-file {path!r} does not exist")
+    text = sys.stdin.read() if path == "-" else p.read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+# ---- eval ------------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> None:
+    from lmforge.checkpoint import load_checkpoint
+    from lmforge.eval import perplexity_of_file
+
+    ckpt = load_checkpoint(args.checkpoint, device=args.device)
+    result = perplexity_of_file(ckpt.model, ckpt.tokenizer, args.text, args.context, args.batch_size)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(
+            f"{result['file']}: loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.3f} "
+            f"({result['predicted_tokens']:,} predicted tokens in {result['windows']} windows of {result['context']})"
+        )
+
+
+# ---- convert ---------------------------------------------------------------------------------
+def cmd_convert(args: argparse.Namespace) -> None:
+    from lmforge.interop import convert
+
+    print(convert(args.src, args.dst))
+
+
+# ---- quickstart ------------------------------------------------------------------------------
+QUICKSTART_PROMPTS = ["The with statement", "A class definition"]
+
+
+def cmd_quickstart(args: argparse.Namespace) -> None:
+    """The README's first command: prepare the built-in corpus, train for a few minutes, sample."""
+    from lmforge.checkpoint import load_checkpoint
+    from lmforge.data import PrepareConfig, TokenData, prepare
+    from lmforge.generate import GenerationConfig, generate
+    from lmforge.models.gpt import GPT_PRESETS, GPTConfig
+    from lmforge.train import DataConfig, TrainConfig, train
+
+    out = Path(args.out)
+    data_dir, run_dir = out / "data", out / "run"
+    print(f"1/3 preparing the built-in corpus (Python reference docs) -> {data_dir}")
+    prepare(PrepareConfig(source="builtin:pydocs", tokenizer="bpe", vocab_size=2048), data_dir)
+    data = TokenData.open(data_dir)
+    print(f"2/3 training a small GPT for up to {args.minutes:g} minutes -> {run_dir}")
+    model_config = GPTConfig(**{**GPT_PRESETS["gpt-tiny"], "block_size": 128, "dropout": 0.1,
+                                "vocab_size": data.vocab_size})
+    train_config = TrainConfig(
+        batch_size=16, max_iters=args.iters, max_time=args.minutes * 60, lr=2e-3, warmup_iters=50,
+        eval_interval=100, eval_iters=10, patience=3,
+    )
+    resume = (run_dir / "last").exists()
+    if resume:
+        print(f"   (continuing the run already in {run_dir})")
+    train(None if resume else model_config, train_config, DataConfig(path=str(data_dir)), run_dir, resume=resume)
+    print("3/3 sampling from the best checkpoint")
+    ckpt = load_checkpoint(run_dir)
+    config = GenerationConfig(max_new_tokens=60, temperature=0.8, top_k=50, seed=0)
+    for r in generate(ckpt.model, ckpt.tokenizer, QUICKSTART_PROMPTS, config):
+        print(f"--- {r.prompt!r} ---\n{r.prompt}{r.text}\n")
+    print(f"next: lmforge generate {run_dir} --prompt 'Your prompt' --max-new-tokens 100")
+
+
+# ---- parser ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmforge", description="Train, evaluate and sample Transformer LMs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("quickstart", help="prepare the built-in corpus, train a small GPT, generate")
+    p.add_argument("--out", default="runs/quickstart", help="folder for data and run (default: runs/quickstart)")
+    p.add_argument("--minutes", type=float, default=3.0, help="training time budget (default: 3)")
+    p.add_argument("--iters", type=int, default=5000, help="at most this many steps (default: 5000)")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("prepare", help="clean text, train a tokenizer, write token shards")
+    p.add_argument("--data", required=True, help="text file, folder, glob, JSONL file, or builtin:pydocs")
+    p.add_argument("--tokenizer", default="bpe", help="bpe (byte-level BPE) or char (default: bpe)")
+    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default: 8192)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of tokens for validation")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--out", required=True, help="output DATA_DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="pretrain a model on a prepared DATA_DIR")
+    p.add_argument("--data", help="DATA_DIR written by `lmforge prepare`")
+    p.add_argument("--out", required=True, help="RUN_DIR for checkpoints, metrics.jsonl and loss.png")
+    p.add_argument("--preset", help="model preset: gpt-tiny (default), gpt-mini, gpt-small, ...")
+    p.add_argument("--config", help="TOML/YAML/JSON file with [model], [train], [data] sections")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", action="extend",
+                   help="override config values, e.g. --set train.lr=3e-4 model.n_layer=6")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint folder, run folder, or Hugging Face GPT-2 folder")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-file", help="file with one prompt a line ('-' for stdin)")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--num-return-sequences", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print results (text and token ids) as JSON")
+    p.add_argument("--no-stream", action="store_true", help="print when done instead of streaming")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="loss and perplexity of a text file")
+    p.add_argument("checkpoint")
+    p.add_argument("--text", required=True, help="UTF-8 text file")
+    p.add_argument("--context", type=int, default=None, help="window length in tokens (default: the model's context)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("convert", help="convert between lmforge and Hugging Face checkpoints")
+    p.add_argument("src", help="lmforge checkpoint/run folder, or Hugging Face folder")
+    p.add_argument("dst", help="output folder (the other format)")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LmforgeError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nlmforge: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

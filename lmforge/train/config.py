@@ -1,0 +1,65 @@
+"""Training hyper-parameters: one dataclass, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lmforge.config import check, check_choice
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 12
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    max_iters: int = 2000  # optimizer steps
+    max_time: float | None = None  # seconds of training after which the run saves and stops
+    lr: float = 1e-3
+    min_lr: float | None = None  # default lr / 10
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_iters: int = 100
+    lr_decay_iters: int | None = None  # default max_iters; set it to train one schedule in chunks
+    weight_decay: float = 0.1  # on weight matrices only, never on norms, biases or embeddings
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    eval_interval: int = 250  # also the checkpoint interval
+    eval_iters: int = 20  # batches per split in each loss estimate
+    log_interval: int = 10
+    patience: int = 0  # early stopping: evals without a better val loss; 0 turns it off
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast when measured faster
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # auto: cuda when available, else cpu
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters", "log_interval"):
+            check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        if self.min_lr is None:
+            self.min_lr = self.lr / 10
+        check(0 <= self.min_lr <= self.lr, f"train.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        check_choice("train.lr_schedule", self.lr_schedule, ("cosine", "linear", "constant"))
+        check(self.warmup_iters >= 0, f"train.warmup_iters must be >= 0, got {self.warmup_iters}")
+        if self.lr_decay_iters is None:
+            self.lr_decay_iters = self.max_iters
+        check(self.lr_decay_iters >= 1, f"train.lr_decay_iters must be >= 1, got {self.lr_decay_iters}")
+        check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            check(0 <= getattr(self, name) < 1, f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        check(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        check(self.patience >= 0, f"train.patience must be >= 0, got {self.patience}")
+        check(self.max_time is None or self.max_time > 0, f"train.max_time must be > 0 seconds, got {self.max_time}")
+        check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        check(
+            self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+            f"train.device={self.device!r} is not valid; use auto, cpu, cuda, cuda:N or mps",
+        )
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a folder written by `lmforge prepare`
+
+    def __post_init__(self) -> None:
+        check(bool(self.path), "data.path is empty: pass --data DATA_DIR (a folder made by `lmforge prepare`)")

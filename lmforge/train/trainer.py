@@ -1,0 +1,309 @@
+"""The training loop, as one readable function.
+
+    for each optimizer step:
+        every eval_interval steps: estimate train/val loss, keep the best checkpoint, save `last`
+        lr from the schedule (a pure function of the step, so resuming needs no scheduler state)
+        grad_accum_steps micro-batches: forward under autocast, loss / accum, backward
+        stop on a non-finite loss or gradient, before the optimizer can spread it into the weights
+        clip the global gradient norm, step, log loss / tokens/s / MFU
+
+Failure rules: a checkpoint folder is replaced only by a complete new one (see `checkpoint.atomic_dir`);
+Ctrl-C (or SIGTERM) finishes the current step, saves `last` and returns; a second Ctrl-C aborts
+at once, leaving the previous checkpoint as it was; a NaN/inf raises `TrainingDiverged` without saving.
+Resuming restores weights, optimizer moments, the RNG and the data sampler, so a stopped and
+resumed run reproduces the uninterrupted run's losses exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lmforge.checkpoint import load_checkpoint, load_train_state, save_checkpoint
+from lmforge.data import RandomBatches, TokenData
+from lmforge.errors import LmforgeError
+from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.train.config import DataConfig, TrainConfig
+from lmforge.train.objectives import causal_lm_loss
+from lmforge.train.optim import lr_at, make_optimizer
+from lmforge.train.precision import autocast_context, measure_matmul_peak, resolve_precision
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+class TrainingDiverged(LmforgeError):
+    """The loss or gradient became NaN/inf; nothing was saved past the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    iters: int  # optimizer steps done in total
+    stop_reason: str  # max_iters | max_time | early_stopping | interrupted
+    best_val_loss: float | None
+    last_eval: dict[str, float]
+    seconds: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LmforgeError("train.device=cuda but no CUDA device is available; use cpu or auto")
+    return device
+
+
+def train(
+    model_config: GPTConfig | None,
+    train_config: TrainConfig,
+    data_config: DataConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a GPT on a prepared data folder, writing checkpoints and logs into `out_dir`.
+
+    With `resume=True` the model config and all training state come from `out_dir/last`.
+    """
+    tc, run_dir = train_config, Path(out_dir)
+    data = TokenData.open(data_config.path)
+    device = resolve_device(tc.device)
+
+    # ---- model, optimizer and state: fresh, or restored from the last checkpoint ---------------
+    state: dict[str, Any] | None = None
+    if resume:
+        if not (run_dir / "last").exists():
+            raise LmforgeError(f"cannot resume: {str(run_dir / 'last')!r} does not exist (start without --resume)")
+        ckpt = load_checkpoint(run_dir / "last", device=device)
+        model, state = ckpt.model, load_train_state(ckpt.path)
+        if model_config is not None and asdict(model_config) != asdict(model.config):
+            raise LmforgeError("cannot change the model config when resuming; drop the model overrides")
+        model_config = model.config
+    else:
+        if model_config is None:
+            raise LmforgeError("a model config is needed to start a new run")
+        if (run_dir / "last").exists():
+            raise LmforgeError(
+                f"{str(run_dir)!r} already holds a run; pass --resume to continue it, or choose another --out"
+            )
+        torch.manual_seed(tc.seed)
+        model = GPT(model_config).to(device)
+    if data.vocab_size > model_config.vocab_size:
+        raise LmforgeError(
+            f"the data's tokenizer has {data.vocab_size} tokens but model.vocab_size is {model_config.vocab_size}"
+        )
+    model.train()
+    optimizer = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
+    batches = RandomBatches(data, "train", tc.batch_size, model_config.block_size, seed=tc.seed)
+    has_val = data.tokens("val") > 0
+    if has_val:  # fail now, not at the first eval, when val is smaller than the context
+        RandomBatches(data, "val", tc.batch_size, model_config.block_size, seed=tc.seed)
+
+    meta = {"train": asdict(tc), "data": asdict(data_config), "data_manifest": data.manifest}
+    start_iter, best_val, evals_since_best = 0, None, 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        batches.load_state_dict(state["batches"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        start_iter, best_val, evals_since_best = state["iter"], state["best_val_loss"], state["evals_since_best"]
+        precision = state["precision"]
+        _truncate_metrics(run_dir / METRICS_FILE, start_iter)
+    else:
+        probe = RandomBatches(data, "train", tc.batch_size, model_config.block_size, seed=tc.seed + 1)
+        precision, timings = resolve_precision(tc.precision, model, probe.next_batch, device)
+        if timings:
+            tqdm.write(f"precision auto: {timings} -> {precision}")
+    ctx = autocast_context(device.type, precision)
+    train_model = torch.compile(model) if tc.compile else model
+
+    tokens_per_iter = tc.batch_size * tc.grad_accum_steps * model_config.block_size
+    flops_per_token = model.flops_per_token()
+    peak = measure_matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = (run_dir / METRICS_FILE).open("a")
+
+    def log(record: dict[str, Any]) -> None:
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+
+    def save(it: int, name: str = "last") -> None:
+        train_state = None
+        if name == "last":
+            train_state = {
+                "iter": it,
+                "optimizer": optimizer.state_dict(),
+                "batches": batches.state_dict(),
+                "rng": _rng_state(device),
+                "best_val_loss": best_val,
+                "evals_since_best": evals_since_best,
+                "precision": precision,
+            }
+        save_checkpoint(run_dir / name, model, data.tokenizer, extra={**meta, "iter": it}, train_state=train_state)
+
+    # ---- the loop -----------------------------------------------------------------------------
+    it, stop_reason, last_eval = start_iter, None, {}
+    t_start = time.perf_counter()
+    bar = tqdm(total=tc.max_iters, initial=start_iter, disable=not progress, dynamic_ncols=True, desc="train")
+    with _GracefulStop() as stop:
+        loss_acc, n_acc = 0.0, 0
+        while True:
+            if it >= tc.max_iters:
+                stop_reason = "max_iters"
+            elif stop.requested:
+                stop_reason = "interrupted"
+            elif tc.max_time is not None and time.perf_counter() - t_start > tc.max_time:
+                stop_reason = "max_time"
+            # evaluate and checkpoint on the interval and when stopping (a resumed step was done already)
+            if (it % tc.eval_interval == 0 or stop_reason) and not (state is not None and it == start_iter):
+                last_eval = estimate_loss(model, data, tc, model_config.block_size, ctx, has_val)
+                key = "val_loss" if has_val else "train_loss"
+                if not math.isfinite(last_eval[key]):
+                    raise TrainingDiverged(_diverged_message(f"{key} is {last_eval[key]}", it, run_dir))
+                log({"iter": it, "kind": "eval", **last_eval})
+                improved = best_val is None or last_eval[key] < best_val
+                if improved:
+                    best_val, evals_since_best = last_eval[key], 0
+                    save(it, "best")
+                else:
+                    evals_since_best += 1
+                save(it, "last")
+                bar.write(
+                    f"iter {it}: train loss {last_eval['train_loss']:.4f}"
+                    + (f", val loss {last_eval['val_loss']:.4f} (ppl {last_eval['val_ppl']:.2f})" if has_val else "")
+                    + (" *best*" if improved else "")
+                )
+                if tc.patience and evals_since_best >= tc.patience and not stop_reason:
+                    stop_reason = "early_stopping"
+                # evaluation time is not training throughput: restart the log window
+                t_log, loss_acc, n_acc = time.perf_counter(), 0.0, 0
+            if stop_reason:
+                break
+            if it == start_iter:
+                t_log = time.perf_counter()
+
+            lr = lr_at(it, schedule=tc.lr_schedule, lr=tc.lr, min_lr=tc.min_lr,
+                       warmup_iters=tc.warmup_iters, decay_iters=tc.lr_decay_iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = 0.0
+            for _ in range(tc.grad_accum_steps):
+                x, y = (t.to(device, non_blocking=True) for t in batches.next_batch())
+                with ctx:
+                    loss = causal_lm_loss(train_model, x, y) / tc.grad_accum_steps
+                loss.backward()
+                step_loss += loss.item()
+            if not math.isfinite(step_loss):
+                raise TrainingDiverged(_diverged_message(f"loss is {step_loss}", it, run_dir))
+            if tc.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                if not torch.isfinite(grad_norm):
+                    raise TrainingDiverged(_diverged_message(f"gradient norm is {grad_norm.item()}", it, run_dir))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            it += 1
+            bar.update(1)
+            loss_acc, n_acc = loss_acc + step_loss, n_acc + 1
+
+            if it % tc.log_interval == 0:
+                dt = time.perf_counter() - t_log
+                tok_s = tokens_per_iter * n_acc / dt
+                mfu = flops_per_token * tok_s / peak
+                record = {"iter": it, "kind": "train", "loss": loss_acc / n_acc, "lr": lr,
+                          "tok_per_s": round(tok_s, 1), "mfu": round(mfu, 4)}
+                log(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
+                t_log, loss_acc, n_acc = time.perf_counter(), 0.0, 0
+    bar.close()
+    metrics.close()
+    _plot(run_dir)
+    return TrainResult(run_dir, it, stop_reason, best_val, last_eval, time.perf_counter() - t_start)
+
+
+@torch.no_grad()
+def estimate_loss(model: GPT, data: TokenData, tc: TrainConfig, block_size: int, ctx, has_val: bool) -> dict:
+    """Mean loss over `eval_iters` batches of each split. The batches come from a fixed seed, so
+    every evaluation scores the same windows, and the training RNG is left untouched."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    device = next(model.parameters()).device
+    for split in ("train", "val") if has_val else ("train",):
+        sampler = RandomBatches(data, split, tc.batch_size, block_size, seed=tc.seed + 1000)
+        losses = []
+        for _ in range(tc.eval_iters):
+            x, y = (t.to(device) for t in sampler.next_batch())
+            with ctx:
+                losses.append(causal_lm_loss(model, x, y).item())
+        out[f"{split}_loss"] = sum(losses) / len(losses)
+    if has_val:
+        out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
+    model.train(was_training)
+    return out
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _diverged_message(what: str, it: int, run_dir: Path) -> str:
+    last = run_dir / "last"
+    where = (
+        f"the last good checkpoint {str(last)!r} is intact; resume with --resume, e.g. with a lower train.lr"
+        if last.exists() else "no checkpoint was written yet"
+    )
+    return f"training stopped at iter {it}: {what}; {where}"
+
+
+def _truncate_metrics(path: Path, up_to_iter: int) -> None:
+    """Drop log records past the checkpoint being resumed (they belong to a run that died)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iter"] <= up_to_iter]
+    # the eval record at up_to_iter is logged again by nobody: keep it
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _plot(run_dir: Path) -> None:
+    from lmforge.train.plots import plot_metrics
+
+    plot_metrics(run_dir / METRICS_FILE, run_dir / PLOT_FILE)
+
+
+class _GracefulStop:
+    """First Ctrl-C/SIGTERM asks the loop to save and stop after the current step; a second
+    Ctrl-C raises KeyboardInterrupt at once (atomic writes keep the last checkpoint whole)."""
+
+    def __enter__(self) -> _GracefulStop:
+        self.requested = False
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("stopping: finishing this step and saving a checkpoint (Ctrl-C again to abort without saving)")
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
