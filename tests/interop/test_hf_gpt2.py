@@ -26,11 +26,13 @@ def hf_gpt2(vocab_size: int, tokenizer, attn: str = "eager", **overrides) -> GPT
             **dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=vocab_size),
             "bos_token_id": tokenizer.bos_id,
             "eos_token_id": tokenizer.eos_id,
+            "attn_implementation": attn,
             **overrides,
         }
     )
-    config._attn_implementation = attn
-    return GPT2LMHeadModel(config).eval()
+    model = GPT2LMHeadModel(config).eval()
+    assert model.config._attn_implementation == attn
+    return model
 
 
 def save_hf(model: GPT2LMHeadModel, tokenizer, path) -> None:

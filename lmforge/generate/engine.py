@@ -1,0 +1,254 @@
+"""The decoding engine: batched, KV-cached generation around a model that knows nothing of decoding.
+
+Prompts of different lengths are left-padded so that they all end at the same position, which
+lets every row share the cache's one write position. The padded batch is prefilled in one forward
+pass, then each step feeds one token per row (`last_only=True`). Positions count real tokens only
+(cumsum of the mask - 1), so a padded prompt sees the same positions as it would alone.
+
+`generate_ids` works on token ids; `generate` wraps it with a tokenizer: text in, text out, stop
+strings, and streaming of the text as it becomes final.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lmforge.errors import LmforgeError
+from lmforge.generate.config import GenerationConfig
+from lmforge.generate.sampling import PAD, next_tokens
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str  # the continuation only, cut before a stop string
+    token_ids: list[int]  # the continuation's ids, without eos; see `_Detokenizer._cut` for stops
+    prompt_ids: list[int]
+    finish_reason: str  # "length" | "eos" | "stop"
+
+
+# on_step(new_ids) gets the token each row produced this step (None for rows already finished)
+# and may return the rows to finish now; `generate` finishes rows whose text hit a stop string.
+StepCallback = Callable[[list[int | None]], Iterable[int] | None]
+
+
+def generate_ids(
+    model: nn.Module,
+    prompt_ids: list[list[int]],
+    config: GenerationConfig,
+    *,
+    on_step: StepCallback | None = None,
+) -> list[list[int]]:
+    """Continue each prompt; returns the continuations' ids, `num_return_sequences` per prompt in
+    prompt order. A row ends at `config.eos_token_id` (not included) or after `max_new_tokens`."""
+    _check_prompts(model, prompt_ids, config)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return _decode(model, prompt_ids, config, on_step)
+    finally:
+        model.train(was_training)
+
+
+def _check_prompts(model: nn.Module, prompt_ids: list[list[int]], config: GenerationConfig) -> None:
+    if not prompt_ids:
+        raise LmforgeError("no prompts given: pass at least one prompt")
+    vocab_size = model.config.vocab_size
+    for i, ids in enumerate(prompt_ids):
+        if not ids:
+            raise LmforgeError(f"prompt {i} is empty: a prompt needs at least one token")
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise LmforgeError(
+                f"prompt {i} has token id {bad[0]}, outside the model's vocabulary of {vocab_size} "
+                "(is this the model's own tokenizer?)"
+            )
+    longest, n_new, context = max(map(len, prompt_ids)), config.max_new_tokens, model.config.block_size
+    if longest + n_new > context:
+        fix = f"lower max_new_tokens to {context - longest} or shorten the prompt" if longest < context else (
+            f"shorten the prompt to fewer than {context} tokens"
+        )
+        which = "the prompt" if len(prompt_ids) == 1 else "the longest prompt"
+        raise LmforgeError(
+            f"{which} ({longest} tokens) + max_new_tokens ({n_new}) = {longest + n_new} tokens exceeds "
+            f"the model's context of {context} tokens (block_size); {fix}"
+        )
+
+
+def _decode(model: nn.Module, prompt_ids: list[list[int]], config: GenerationConfig,
+            on_step: StepCallback | None) -> list[list[int]]:
+    device = next(model.parameters()).device
+    rows = [ids for ids in prompt_ids for _ in range(config.num_return_sequences)]
+    B, L = len(rows), max(map(len, rows))
+    total = L + config.max_new_tokens
+    # the whole history, left-padded with PAD; the processors read it, the model reads its prefix
+    tokens = torch.full((B, total), PAD, dtype=torch.long, device=device)
+    for r, ids in enumerate(rows):
+        tokens[r, L - len(ids) : L] = torch.tensor(ids, device=device)
+    padded = any(len(ids) < L for ids in rows)
+
+    generator = torch.Generator(device=device)
+    if config.seed is not None:
+        generator.manual_seed(config.seed)
+    else:
+        generator.seed()  # fresh entropy, leaving the global RNG alone
+    cache = model.new_kv_cache(B, total) if config.use_cache else None
+
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    t = L  # tokens so far, padding included
+    logits = _next_logits(model, tokens[:, :t], padded, cache)  # (B, V)
+    for _ in range(config.max_new_tokens):
+        # finished rows are still fed (a 0), but sample nothing and their output is frozen
+        alive = torch.tensor([not d for d in done], device=device)
+        new = torch.zeros(B, dtype=torch.long, device=device)
+        new[alive] = next_tokens(logits[alive], tokens[alive, :t], config, generator)
+        tokens[:, t] = new
+        t += 1
+
+        step: list[int | None] = [None if d else tok for d, tok in zip(done, new.tolist())]
+        for r, tok in enumerate(step):
+            if tok is None:
+                continue
+            if tok == config.eos_token_id:
+                done[r] = True
+            else:
+                out[r].append(tok)
+        for r in (on_step(step) if on_step else None) or ():
+            done[r] = True
+        if all(done) or t == total:
+            break
+        logits = _next_logits(model, tokens[:, :t], padded, cache)
+    return out
+
+
+def _next_logits(model: nn.Module, tokens: torch.Tensor, padded: bool, cache) -> torch.Tensor:
+    """Next-token logits (B, V) after `tokens` (B, t): the model gets what the cache lacks (all of
+    it without a cache), with positions counting real tokens only."""
+    start = cache.pos if cache is not None else 0
+    mask = tokens >= 0  # (B, t)
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, start:]
+    logits = model(
+        tokens[:, start:].clamp(min=0),  # padding is masked out, any id will do
+        attention_mask=mask if padded else None,  # without padding SDPA takes its causal fast path
+        position_ids=position_ids,
+        kv_cache=cache,
+        last_only=True,
+    )
+    return logits[:, -1]
+
+
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompts: str | list[str],
+    config: GenerationConfig,
+    *,
+    on_text: Callable[[int, str], None] | None = None,
+) -> list[Generation]:
+    """Continue each prompt as text; `num_return_sequences` results per prompt, in prompt order.
+
+    `on_text(index, piece)` streams result `index`'s text as it becomes final: pieces are held
+    back while they end in an incomplete UTF-8 character or could begin a stop string, and joined
+    they equal the result's `text`.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise LmforgeError("no prompts given: pass at least one prompt")
+    if config.eos_token_id is None and tokenizer.eos_id is not None:
+        config = dataclasses.replace(config, eos_token_id=tokenizer.eos_id)
+    prompt_ids = [ids or _empty_prompt(tokenizer, i) for i, ids in enumerate(tokenizer.encode_batch(prompts))]
+
+    n = config.num_return_sequences
+    streams = [
+        _Detokenizer(tokenizer, config.stop, (lambda piece, r=r: on_text(r, piece)) if on_text else None)
+        for r in range(len(prompts) * n)
+    ]
+
+    def on_step(step: list[int | None]) -> list[int]:
+        stopped = []
+        for r, tok in enumerate(step):
+            if tok is None:
+                continue
+            if tok == config.eos_token_id:
+                streams[r].finish("eos")
+            elif streams[r].add(tok):
+                stopped.append(r)
+        return stopped
+
+    generate_ids(model, prompt_ids, config, on_step=on_step)
+    results = []
+    for r, s in enumerate(streams):
+        if s.finish_reason is None:
+            s.finish("length")
+        results.append(Generation(prompts[r // n], s.text, s.ids, prompt_ids[r // n], s.finish_reason))
+    return results
+
+
+def _empty_prompt(tokenizer, i: int) -> list[int]:
+    # a document boundary is the natural start of unconditioned text (GPT-2 samples this way)
+    if tokenizer.eos_id is None:
+        raise LmforgeError(
+            f"prompt {i} is empty and the tokenizer has no end-of-text token to start from; give some text"
+        )
+    return [tokenizer.eos_id]
+
+
+class _Detokenizer:
+    """One sequence's text as its tokens arrive: finds stop strings and emits the text that can no
+    longer change.
+
+    The continuation is decoded whole each step, since a byte-level token may hold part of a UTF-8
+    character (decoded as '\\ufffd' until the rest arrives) and decoders may join tokens.
+    """
+
+    def __init__(self, tokenizer, stop: list[str], emit: Callable[[str], None] | None):
+        self.tokenizer, self.stop, self.emit = tokenizer, stop, emit
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of `text` handed to `emit`
+        self.finish_reason: str | None = None
+
+    def add(self, token: int) -> bool:
+        """Append a token; True when the text now holds a stop string (the sequence is finished)."""
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids)
+        hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self._cut(min(hits))
+            self.finish("stop")
+            return True
+        final = len(self.text.rstrip("\ufffd"))  # an incomplete character may still change
+        final -= _stop_prefix_len(self.text[:final], self.stop)
+        self._send(final)
+        return False
+
+    def finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self._send(len(self.text))
+
+    def _cut(self, at: int) -> None:
+        """Cut the text before a stop string, and the ids to the fewest that still cover that text:
+        exactly the text when the stop string starts on a token boundary, else up to the token that
+        holds the boundary."""
+        self.text = self.text[:at]
+        while self.ids and self.tokenizer.decode(self.ids[:-1]).startswith(self.text):
+            self.ids.pop()
+
+    def _send(self, end: int) -> None:
+        if end > self.sent:
+            if self.emit:
+                self.emit(self.text[self.sent : end])
+            self.sent = end
+
+
+def _stop_prefix_len(text: str, stop: list[str]) -> int:
+    """Length of the longest end of `text` that could begin a stop string."""
+    return max((k for s in stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
