@@ -50,7 +50,9 @@ def convert(src: str | Path, dst: str | Path) -> str:
     """
     src, dst = Path(src), Path(dst)
     if not src.exists():
-        raise LmforgeError(f"SRC {str(src)!r} does not exist; give an lmforge checkpoint, run folder or HF model folder")
+        raise LmforgeError(
+            f"SRC {str(src)!r} does not exist; give an lmforge checkpoint, run folder or HF model folder"
+        )
     src_dir = resolve_checkpoint_dir(src)
     _check_dst(src_dir, dst)
     meta = read_meta(src_dir)
@@ -67,7 +69,9 @@ def convert(src: str | Path, dst: str | Path) -> str:
         return f"converted lmforge checkpoint {src_dir} -> Hugging Face {adapter.MODEL_TYPE} folder {dst} ({_size(ckpt)})"
     if "model_type" in meta:
         ckpt = load_hf_checkpoint(src_dir)
-        save_checkpoint(dst, ckpt.model, ckpt.tokenizer, extra={"converted_from": ckpt.meta["converted_from"]})
+        save_checkpoint(
+            dst, ckpt.model, ckpt.tokenizer, extra={"converted_from": ckpt.meta["converted_from"]}
+        )
         return f"converted Hugging Face {meta['model_type']} folder {src_dir} -> lmforge checkpoint {dst} ({_size(ckpt)})"
     raise LmforgeError(
         f"{str(src_dir / CONFIG_FILE)!r} has neither format_version (lmforge) nor model_type (Hugging Face); "

@@ -24,7 +24,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmforge.checkpoint import FORMAT_VERSION, WEIGHTS_FILE, Checkpoint, atomic_dir, weights_state_dict
+from lmforge.checkpoint import (
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    Checkpoint,
+    atomic_dir,
+    weights_state_dict,
+)
 from lmforge.config import from_dict
 from lmforge.errors import LmforgeError
 from lmforge.models.gpt import GPT, GPTConfig
@@ -37,7 +43,12 @@ INDEX_FILE = "model.safetensors.index.json"  # sharded safetensors: {"weight_map
 PICKLE_FILE = "pytorch_model.bin"
 
 # The weights HF stores in Conv1D layers, (in, out): transposed relative to nn.Linear.
-CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+CONV1D_SUFFIXES = (
+    "attn.c_attn.weight",
+    "attn.c_proj.weight",
+    "mlp.c_fc.weight",
+    "mlp.c_proj.weight",
+)
 # Causal-mask buffers that old GPT-2 checkpoints carry; lmforge builds its masks on the fly.
 MASK_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
@@ -76,9 +87,13 @@ def config_from_hf(hf: dict[str, Any], where: str) -> GPTConfig:
             f"{where}: activation_function={act!r} is not supported; "
             f"lmforge reads: {', '.join(map(repr, HF_TO_ACTIVATION))}"
         )
-    missing = [k for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head") if k not in hf]
+    missing = [
+        k for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head") if k not in hf
+    ]
     if missing:
-        raise LmforgeError(f"{where}: config.json lacks {', '.join(missing)}, which a GPT-2 config needs")
+        raise LmforgeError(
+            f"{where}: config.json lacks {', '.join(missing)}, which a GPT-2 config needs"
+        )
     # lmforge has one dropout rate for embeddings, attention and residuals; GPT-2 checkpoints
     # use one value for all three, and it only matters when fine-tuning.
     dropout = hf.get("resid_pdrop", 0.1)
@@ -102,12 +117,22 @@ def config_from_hf(hf: dict[str, Any], where: str) -> GPTConfig:
 
 def check_exportable(c: GPTConfig) -> None:
     """Refuse configs HF GPT-2 cannot express, naming each field and the value GPT-2 needs."""
-    needed = dict(norm="layernorm", norm_position="pre", position="learned", bias=True, n_kv_head=c.n_head)
-    wrong = [f"{k}={getattr(c, k)!r} (GPT-2 needs {v!r})" for k, v in needed.items() if getattr(c, k) != v]
+    needed = dict(
+        norm="layernorm", norm_position="pre", position="learned", bias=True, n_kv_head=c.n_head
+    )
+    wrong = [
+        f"{k}={getattr(c, k)!r} (GPT-2 needs {v!r})"
+        for k, v in needed.items()
+        if getattr(c, k) != v
+    ]
     if c.activation not in ACTIVATION_TO_HF:
-        wrong.append(f"activation={c.activation!r} (GPT-2 needs one of {', '.join(map(repr, ACTIVATION_TO_HF))})")
+        wrong.append(
+            f"activation={c.activation!r} (GPT-2 needs one of {', '.join(map(repr, ACTIVATION_TO_HF))})"
+        )
     if wrong:
-        raise LmforgeError(f"this model cannot be exported as Hugging Face GPT-2: {'; '.join(wrong)}")
+        raise LmforgeError(
+            f"this model cannot be exported as Hugging Face GPT-2: {'; '.join(wrong)}"
+        )
 
 
 def config_to_hf(c: GPTConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> dict[str, Any]:
@@ -174,14 +199,18 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     if (directory / WEIGHTS_FILE).is_file():
         return load_file(str(directory / WEIGHTS_FILE))
     if (directory / INDEX_FILE).is_file():
-        shards = sorted(set(json.loads((directory / INDEX_FILE).read_text())["weight_map"].values()))
+        shards = sorted(
+            set(json.loads((directory / INDEX_FILE).read_text())["weight_map"].values())
+        )
         return {k: v for shard in shards for k, v in load_file(str(directory / shard)).items()}
     if (directory / PICKLE_FILE).is_file():
         try:
             return torch.load(directory / PICKLE_FILE, map_location="cpu", weights_only=True)
         except Exception as e:
             raise LmforgeError(
-                f"{directory / PICKLE_FILE} could not be read safely (weights only): {e}".replace("\n", " ")
+                f"{directory / PICKLE_FILE} could not be read safely (weights only): {e}".replace(
+                    "\n", " "
+                )
             ) from e
     raise LmforgeError(
         f"no weights in {str(directory)!r}: expected {WEIGHTS_FILE}, {INDEX_FILE} or {PICKLE_FILE}"
@@ -233,10 +262,18 @@ def save(directory: str | Path, model: GPT, tokenizer: Tokenizer) -> Path:
     check_exportable(model.config)
     sd = weights_state_dict(model)
     dtype = model.transformer.wte.weight.dtype
-    generation = {"_from_model_config": True, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    generation = {
+        "_from_model_config": True,
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+    }
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
-        save_file(state_dict_to_hf(sd, model.config.tie_embeddings), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(
+            state_dict_to_hf(sd, model.config.tie_embeddings),
+            str(tmp / WEIGHTS_FILE),
+            metadata={"format": "pt"},
+        )
         hf_config = config_to_hf(model.config, tokenizer, dtype)
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(generation, indent=2) + "\n")

@@ -75,8 +75,13 @@ def test_hf_to_lmforge_logits_and_greedy_match(tmp_path, bpe_tokenizer, attn, ac
         assert max_diff(ckpt.model(ids), hf(ids).logits) <= 1e-5
         prompt = ids[:1, :5]
         ours = greedy(ckpt.model, prompt, 10)
-        theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10,
-                             do_sample=False, pad_token_id=bpe_tokenizer.eos_id)
+        theirs = hf.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=10,
+            do_sample=False,
+            pad_token_id=bpe_tokenizer.eos_id,
+        )
     # HF stops early if it emits EOS; up to there the tokens must agree
     assert theirs.shape[1] > prompt.shape[1]
     assert torch.equal(ours[:, : theirs.shape[1]], theirs)
@@ -126,7 +131,9 @@ def test_lmforge_to_hf_loads_and_matches(tmp_path, bpe_tokenizer, attn, activati
 
     summary = convert(tmp_path / "lm", tmp_path / "hf")
     assert "Hugging Face gpt2 folder" in summary
-    hf, info = GPT2LMHeadModel.from_pretrained(tmp_path / "hf", attn_implementation=attn, output_loading_info=True)
+    hf, info = GPT2LMHeadModel.from_pretrained(
+        tmp_path / "hf", attn_implementation=attn, output_loading_info=True
+    )
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
     assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()  # tied, as saved
     hf.eval()
@@ -209,11 +216,18 @@ def test_unknown_hf_model_type(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "option", [{"scale_attn_by_inverse_layer_idx": True}, {"reorder_and_upcast_attn": True},
-               {"scale_attn_weights": False}, {"activation_function": "silu"}],
+    "option",
+    [
+        {"scale_attn_by_inverse_layer_idx": True},
+        {"reorder_and_upcast_attn": True},
+        {"scale_attn_weights": False},
+        {"activation_function": "silu"},
+    ],
 )
 def test_unsupported_hf_options(tmp_path, bpe_tokenizer, option):
-    save_hf(hf_gpt2(bpe_tokenizer.vocab_size, bpe_tokenizer, **option), bpe_tokenizer, tmp_path / "hf")
+    save_hf(
+        hf_gpt2(bpe_tokenizer.vocab_size, bpe_tokenizer, **option), bpe_tokenizer, tmp_path / "hf"
+    )
     key = next(iter(option))
     with pytest.raises(LmforgeError, match=key):
         convert(tmp_path / "hf", tmp_path / "lm")
