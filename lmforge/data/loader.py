@@ -29,6 +29,7 @@ class TokenData:
         self.path = path
         self.manifest = manifest
         self.dtype = DTYPES[manifest["dtype"]]
+        self._maps: dict[str, list[np.ndarray]] = {}  # split -> memory maps, opened on first use
 
     @classmethod
     def open(cls, path: str | Path) -> TokenData:
@@ -39,14 +40,25 @@ class TokenData:
             raise LmforgeError(f"data folder {str(path)!r} does not exist; {hint}")
         manifest_path = path / MANIFEST_FILE
         if not manifest_path.is_file():
-            raise LmforgeError(f"{str(path)!r} is not a prepared data folder (no {MANIFEST_FILE}); {hint}")
+            raise LmforgeError(
+                f"{str(path)!r} is not a prepared data folder (no {MANIFEST_FILE}); {hint}"
+            )
         try:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as e:
-            raise LmforgeError(f"{str(manifest_path)!r} is not valid JSON ({e}); {hint} again") from e
-        missing = [k for k in ("format_version", "vocab_size", "dtype", "shards", "tokens") if k not in manifest]
-        if not isinstance(manifest, dict) or missing:
-            raise LmforgeError(f"{str(manifest_path)!r} is not an lmforge data manifest (missing {missing}); {hint} again")
+            raise LmforgeError(
+                f"{str(manifest_path)!r} is not valid JSON ({e}); {hint} again"
+            ) from e
+        required = ("format_version", "vocab_size", "dtype", "shards", "tokens")
+        missing = (
+            [k for k in required if k not in manifest]
+            if isinstance(manifest, dict)
+            else list(required)
+        )
+        if missing:
+            raise LmforgeError(
+                f"{str(manifest_path)!r} is not an lmforge data manifest (missing {', '.join(missing)}); {hint} again"
+            )
         version = manifest["format_version"]
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise LmforgeError(
@@ -54,13 +66,17 @@ class TokenData:
                 f"{FORMAT_VERSION}; upgrade lmforge or prepare the data again"
             )
         if manifest["dtype"] not in DTYPES:
-            raise LmforgeError(f"{str(manifest_path)!r}: dtype {manifest['dtype']!r} is not one of {', '.join(DTYPES)}")
+            raise LmforgeError(
+                f"{str(manifest_path)!r}: dtype {manifest['dtype']!r} is not one of {', '.join(DTYPES)}"
+            )
         itemsize = DTYPES[manifest["dtype"]].itemsize
         for split in SPLITS:
             for shard in manifest["shards"].get(split, []):
                 file = path / shard["file"]
                 if not file.is_file():
-                    raise LmforgeError(f"data folder {str(path)!r} is missing shard {shard['file']!r}; {hint} again")
+                    raise LmforgeError(
+                        f"data folder {str(path)!r} is missing shard {shard['file']!r}; {hint} again"
+                    )
                 if file.stat().st_size != shard["tokens"] * itemsize:
                     raise LmforgeError(
                         f"shard {str(file)!r} has {file.stat().st_size} bytes, expected {shard['tokens']} tokens "
@@ -83,15 +99,15 @@ class TokenData:
     def shards(self, split: str) -> list[np.ndarray]:
         """The split's shards as read-only memory maps, in stream order."""
         check_choice("split", split, SPLITS)
-        return self._shards(split)
-
-    @functools.cache  # noqa: B019 -- one TokenData per folder; the maps live as long as it does
-    def _shards(self, split: str) -> list[np.ndarray]:
-        out = []
-        for shard in self.manifest["shards"].get(split, []):
-            if shard["tokens"] > 0:  # an empty file cannot be memory-mapped
-                out.append(np.memmap(self.path / shard["file"], dtype=self.dtype, mode="r", shape=(shard["tokens"],)))
-        return out
+        if split not in self._maps:
+            self._maps[split] = [
+                np.memmap(
+                    self.path / shard["file"], dtype=self.dtype, mode="r", shape=(shard["tokens"],)
+                )
+                for shard in self.manifest["shards"].get(split, [])
+                if shard["tokens"] > 0  # an empty file cannot be memory-mapped
+            ]
+        return self._maps[split]
 
     def __repr__(self) -> str:
         tokens = ", ".join(f"{s}={self.tokens(s):,}" for s in SPLITS)
@@ -112,7 +128,9 @@ class RandomBatches:
         self.shards = [s for s in data.shards(split) if len(s) > block_size]
         n_tokens = data.tokens(split)
         if not self.shards:
-            if n_tokens > block_size:  # enough tokens in all, but cut into shards that are too short
+            if (
+                n_tokens > block_size
+            ):  # enough tokens in all, but cut into shards that are too short
                 raise LmforgeError(
                     f"split {split!r} has {n_tokens} tokens but no shard holds context+1 = {block_size + 1} of them; "
                     "use a smaller block_size or prepare with a larger shard_tokens"
@@ -129,7 +147,9 @@ class RandomBatches:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), both int64 (batch_size, block_size), y[:, t] the token after x[:, t]."""
-        positions = torch.randint(int(self.starts[-1]), (self.batch_size,), generator=self.generator).numpy()
+        positions = torch.randint(
+            int(self.starts[-1]), (self.batch_size,), generator=self.generator
+        ).numpy()
         shard_index = np.searchsorted(self.starts, positions, side="right") - 1
         rows = [
             self.shards[i][p - self.starts[i] : p - self.starts[i] + self.block_size + 1]
@@ -173,11 +193,16 @@ def iter_windows(
     n_targets = len(stream) - 1
     full = n_targets // block_size  # windows with a whole block of targets
     for first in range(0, full, batch_size):
-        rows = [stream.read(k * block_size, k * block_size + block_size + 1) for k in range(first, min(first + batch_size, full))]
+        rows = [
+            stream.read(k * block_size, k * block_size + block_size + 1)
+            for k in range(first, min(first + batch_size, full))
+        ]
         windows = torch.from_numpy(np.stack(rows).astype(np.int64))
         yield windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
     if n_targets % block_size:
-        window = torch.from_numpy(stream.read(full * block_size, len(stream)).astype(np.int64))[None]
+        window = torch.from_numpy(stream.read(full * block_size, len(stream)).astype(np.int64))[
+            None
+        ]
         yield window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
 

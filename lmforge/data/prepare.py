@@ -52,13 +52,18 @@ _CHUNK_BOUNDARY = re.compile(r"\n(?=\S)")
 class PrepareConfig:
     source: str
     tokenizer: str = "bpe"
-    vocab_size: int | None = None  # BPE only (default 8192); a char vocabulary is the data's characters
+    vocab_size: int | None = (
+        None  # BPE only (default 8192); a char vocabulary is the data's characters
+    )
     val_fraction: float = 0.1
     text_field: str = "text"  # the JSONL field holding the text
     shard_tokens: int = 100_000_000  # tokens per shard file at most
 
     def __post_init__(self) -> None:
-        check(isinstance(self.source, str) and self.source != "", "source must name a data source, got an empty value")
+        check(
+            isinstance(self.source, str) and self.source != "",
+            "source must name a data source, got an empty value",
+        )
         check_choice("tokenizer", self.tokenizer, KINDS)
         if self.tokenizer == "char":
             self.vocab_size = None
@@ -69,7 +74,9 @@ class PrepareConfig:
                 257 <= self.vocab_size <= 2**32,
                 f"vocab_size must be between 257 (256 bytes + end-of-text) and 2**32 for bpe, got {self.vocab_size}",
             )
-        check(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        check(
+            0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}"
+        )
         check(self.text_field != "", "text_field must name a JSONL field, got an empty value")
         check(self.shard_tokens >= 1, f"shard_tokens must be >= 1, got {self.shard_tokens}")
 
@@ -113,10 +120,21 @@ def prepare(config: PrepareConfig, out_dir: str | Path, progress: bool = True) -
     with atomic_dir(out_dir) as tmp:
         # pass 2: tokenize into one stream file, then cut it into train/val shards
         stream = tmp / _STREAM_FILE
-        total = _tokenize(config, tokenizer, dtype, stream, fingerprint.hexdigest(), counts["characters"], progress)
+        total = _tokenize(
+            config,
+            tokenizer,
+            dtype,
+            stream,
+            fingerprint.hexdigest(),
+            counts["characters"],
+            progress,
+        )
         n_val = round(total * config.val_fraction)
         n_train = total - n_val
-        check(n_train > 0, f"data source {config.source!r} gives no training tokens with val_fraction={config.val_fraction}")
+        check(
+            n_train > 0,
+            f"data source {config.source!r} gives no training tokens with val_fraction={config.val_fraction}",
+        )
         shards = {
             "train": _write_shards(stream, dtype, 0, n_train, "train", tmp, config.shard_tokens),
             "val": _write_shards(stream, dtype, n_train, n_val, "val", tmp, config.shard_tokens),
@@ -156,7 +174,9 @@ def _check_out_dir(out_dir: Path) -> None:
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
-        raise LmforgeError(f"output {str(out_dir)!r} exists and is not a folder; choose a folder for the prepared data")
+        raise LmforgeError(
+            f"output {str(out_dir)!r} exists and is not a folder; choose a folder for the prepared data"
+        )
     if any(out_dir.iterdir()) and not is_data_dir(out_dir):
         raise LmforgeError(
             f"output folder {str(out_dir)!r} is not empty and is not an lmforge data folder (no valid "
@@ -206,9 +226,16 @@ def _tokenize(
     """Write the whole token stream to `stream`; return its length in tokens."""
     fingerprint, total = Fingerprint(), 0
     documents = read_documents(config.source, config.text_field)
-    with open(stream, "wb") as f, tqdm(
-        total=characters, desc="tokenizing", unit=" chars", unit_scale=True, disable=not progress
-    ) as bar:
+    with (
+        open(stream, "wb") as f,
+        tqdm(
+            total=characters,
+            desc="tokenizing",
+            unit=" chars",
+            unit_scale=True,
+            disable=not progress,
+        ) as bar,
+    ):
         for batch in _batches(documents, _BATCH_CHARS):
             for document in batch:
                 fingerprint.update(document)
@@ -217,7 +244,9 @@ def _tokenize(
             total += len(ids)
             bar.update(sum(map(len, batch)))
     if fingerprint.hexdigest() != expected_sha256:
-        raise LmforgeError(f"data source {config.source!r} changed while it was being prepared; run prepare again")
+        raise LmforgeError(
+            f"data source {config.source!r} changed while it was being prepared; run prepare again"
+        )
     return total
 
 
@@ -252,7 +281,13 @@ def _encode_documents(tokenizer: Tokenizer, documents: list[str], first: bool) -
 
 
 def _write_shards(
-    stream: Path, dtype: np.dtype, start: int, count: int, split: str, out_dir: Path, shard_tokens: int
+    stream: Path,
+    dtype: np.dtype,
+    start: int,
+    count: int,
+    split: str,
+    out_dir: Path,
+    shard_tokens: int,
 ) -> list[dict[str, Any]]:
     """Copy tokens [start, start + count) of the stream file into `{split}-00000.bin`, ..."""
     shards = []

@@ -42,7 +42,8 @@ BUILTINS = ("pydocs",)
 FOLDER_SUFFIXES = (".txt", ".text", ".md", ".markdown", ".rst", ".jsonl")
 ACCEPTED = (
     "a text file, a folder of text files (" + ", ".join(FOLDER_SUFFIXES) + ", optionally .gz), "
-    "a glob pattern such as 'data/*.txt', a .jsonl file, or " + ", ".join(BUILTIN_PREFIX + b for b in BUILTINS)
+    "a glob pattern such as 'data/*.txt', a .jsonl file, or "
+    + ", ".join(BUILTIN_PREFIX + b for b in BUILTINS)
 )
 _SNIFF_BYTES = 8192
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -110,7 +111,11 @@ def _folder_files(root: Path) -> list[Path]:
         dirnames[:] = [d for d in dirnames if not _is_hidden(d)]  # prune .git, .cache, ...
         for name in filenames:
             path = Path(dirpath) / name
-            if not _is_hidden(name) and _base_suffix(path) in FOLDER_SUFFIXES and not _is_binary(path):
+            if (
+                not _is_hidden(name)
+                and _base_suffix(path) in FOLDER_SUFFIXES
+                and not _is_binary(path)
+            ):
                 files.append(path)
     # sort on the relative posix path so the order (and the fingerprint) is the same on every OS
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
@@ -193,15 +198,21 @@ def _jsonl_line(path: Path, lineno: int, raw: bytes, text_field: str) -> Iterato
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise LmforgeError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); JSONL needs one object per line") from e
+        raise LmforgeError(
+            f"{where}: not valid JSON ({e.msg} at column {e.colno}); JSONL needs one object per line"
+        ) from e
     if not isinstance(record, dict):
         raise LmforgeError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if text_field not in record:
         keys = ", ".join(map(repr, list(record)[:10])) or "none"
-        raise LmforgeError(f"{where}: no field {text_field!r} (keys: {keys}); pick the text field with --text-field")
+        raise LmforgeError(
+            f"{where}: no field {text_field!r} (keys: {keys}); pick the text field with --text-field"
+        )
     text = record[text_field]
     if not isinstance(text, str):
-        raise LmforgeError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
+        raise LmforgeError(
+            f"{where}: field {text_field!r} must be a string, got {type(text).__name__}"
+        )
     yield text
 
 
@@ -229,7 +240,9 @@ def read_documents(src: str, text_field: str = "text") -> Iterator[str]:
             count += 1
             yield text
     if count == 0:
-        raise LmforgeError(f"data source {src!r} has no text (every document is empty after cleaning)")
+        raise LmforgeError(
+            f"data source {src!r} has no text (every document is empty after cleaning)"
+        )
 
 
 # --- describing and hashing --------------------------------------------------------------------
