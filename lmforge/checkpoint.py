@@ -15,11 +15,7 @@ no pickled code is ever executed.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.config import from_dict
 from lmforge.errors import LmforgeError
+from lmforge.fileio import atomic_dir, recover_dir
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.tokenizer import Tokenizer
 
@@ -51,49 +48,6 @@ class Checkpoint:
         from lmforge.generate import GenerationConfig, generate
 
         return generate(self.model, self.tokenizer, prompts, GenerationConfig(**generation_kwargs))
-
-
-@contextlib.contextmanager
-def atomic_dir(directory: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces `directory` in two renames.
-
-    If the process dies between the renames, `directory` is missing and `.NAME.old` still holds
-    the previous version; `recover_dir` puts it back.
-    """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp"
-    old = directory.parent / f".{directory.name}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    recover_dir(directory)
-    if directory.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(directory.parent)
-
-
-def recover_dir(directory: Path) -> None:
-    """Restore `directory` from `.NAME.old` if a write died between its two renames."""
-    old = directory.parent / f".{directory.name}.old"
-    if not directory.exists() and old.exists():
-        os.replace(old, directory)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def model_type_of(model: torch.nn.Module) -> str:

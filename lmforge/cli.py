@@ -34,6 +34,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         f"prepared {manifest['documents']} documents -> {tokens['train']:,} train + {tokens['val']:,} val tokens "
         f"({manifest['tokenizer']} tokenizer, vocab {manifest['vocab_size']}) in {args.out}"
     )
+    for warning in manifest.get("warnings", []):
+        print(f"warning: {warning}")
 
 
 # ---- train -----------------------------------------------------------------------------------

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from lmforge.checkpoint import (
-    atomic_dir,
     load_checkpoint,
     load_train_state,
     resolve_checkpoint_dir,
     save_checkpoint,
 )
 from lmforge.errors import LmforgeError
+from lmforge.fileio import atomic_dir
 from tests.conftest import tiny_gpt
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from lmforge.checkpoint import atomic_dir
+from lmforge.fileio import atomic_dir
 from lmforge.config import check, check_choice
 from lmforge.data.sources import Fingerprint, describe_source, read_documents
 from lmforge.errors import LmforgeError
