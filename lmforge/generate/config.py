@@ -30,10 +30,19 @@ class GenerationConfig:
         if self.top_k is not None:
             check(self.top_k >= 1, f"top_k must be >= 1 (or None to disable), got {self.top_k}")
         if self.top_p is not None:
-            check(0 < self.top_p <= 1, f"top_p must be in (0, 1] (or None to disable), got {self.top_p}")
+            check(
+                0 < self.top_p <= 1,
+                f"top_p must be in (0, 1] (or None to disable), got {self.top_p}",
+            )
         if self.min_p is not None:
-            check(0 <= self.min_p < 1, f"min_p must be in [0, 1) (or None to disable), got {self.min_p}")
-        check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            check(
+                0 <= self.min_p < 1,
+                f"min_p must be in [0, 1) (or None to disable), got {self.min_p}",
+            )
+        check(
+            self.repetition_penalty > 0,
+            f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+        )
         check(
             self.no_repeat_ngram_size >= 0,
             f"no_repeat_ngram_size must be >= 0 (0 disables it), got {self.no_repeat_ngram_size}",

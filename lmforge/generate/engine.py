@@ -45,7 +45,8 @@ def generate_ids(
     on_step: StepCallback | None = None,
 ) -> list[list[int]]:
     """Continue each prompt; returns the continuations' ids, `num_return_sequences` per prompt in
-    prompt order. A row ends at `config.eos_token_id` (not included) or after `max_new_tokens`."""
+    prompt order. A row ends at `config.eos_token_id` (not included), after `max_new_tokens`, or
+    when `on_step` (called once per step, see `StepCallback`) returns its index."""
     _check_prompts(model, prompt_ids, config)
     was_training = model.training
     model.eval()
@@ -69,11 +70,13 @@ def _check_prompts(model: nn.Module, prompt_ids: list[list[int]], config: Genera
                 f"prompt {i} has token id {bad[0]}, outside the model's vocabulary of {vocab_size} "
                 "(is this the model's own tokenizer?)"
             )
-    longest, n_new, context = max(map(len, prompt_ids)), config.max_new_tokens, model.config.block_size
+    longest = max(map(len, prompt_ids))
+    n_new, context = config.max_new_tokens, model.config.block_size
     if longest + n_new > context:
-        fix = f"lower max_new_tokens to {context - longest} or shorten the prompt" if longest < context else (
-            f"shorten the prompt to fewer than {context} tokens"
-        )
+        if longest < context:
+            fix = f"lower max_new_tokens to {context - longest} or shorten the prompt"
+        else:
+            fix = f"shorten the prompt to fewer than {context} tokens"
         which = "the prompt" if len(prompt_ids) == 1 else "the longest prompt"
         raise LmforgeError(
             f"{which} ({longest} tokens) + max_new_tokens ({n_new}) = {longest + n_new} tokens exceeds "
@@ -81,8 +84,12 @@ def _check_prompts(model: nn.Module, prompt_ids: list[list[int]], config: Genera
         )
 
 
-def _decode(model: nn.Module, prompt_ids: list[list[int]], config: GenerationConfig,
-            on_step: StepCallback | None) -> list[list[int]]:
+def _decode(
+    model: nn.Module,
+    prompt_ids: list[list[int]],
+    config: GenerationConfig,
+    on_step: StepCallback | None,
+) -> list[list[int]]:
     device = next(model.parameters()).device
     rows = [ids for ids in prompt_ids for _ in range(config.num_return_sequences)]
     B, L = len(rows), max(map(len, rows))
@@ -164,11 +171,15 @@ def generate(
         raise LmforgeError("no prompts given: pass at least one prompt")
     if config.eos_token_id is None and tokenizer.eos_id is not None:
         config = dataclasses.replace(config, eos_token_id=tokenizer.eos_id)
-    prompt_ids = [ids or _empty_prompt(tokenizer, i) for i, ids in enumerate(tokenizer.encode_batch(prompts))]
+    prompt_ids = [
+        ids or _empty_prompt(tokenizer, i) for i, ids in enumerate(tokenizer.encode_batch(prompts))
+    ]
 
     n = config.num_return_sequences
     streams = [
-        _Detokenizer(tokenizer, config.stop, (lambda piece, r=r: on_text(r, piece)) if on_text else None)
+        _Detokenizer(
+            tokenizer, config.stop, (lambda piece, r=r: on_text(r, piece)) if on_text else None
+        )
         for r in range(len(prompts) * n)
     ]
 
@@ -188,7 +199,9 @@ def generate(
     for r, s in enumerate(streams):
         if s.finish_reason is None:
             s.finish("length")
-        results.append(Generation(prompts[r // n], s.text, s.ids, prompt_ids[r // n], s.finish_reason))
+        results.append(
+            Generation(prompts[r // n], s.text, s.ids, prompt_ids[r // n], s.finish_reason)
+        )
     return results
 
 

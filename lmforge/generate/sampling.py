@@ -18,7 +18,9 @@ from lmforge.generate.config import GenerationConfig
 PAD = -1  # history ids below zero are padding, never a real token
 
 
-def apply_repetition_penalty(logits: torch.Tensor, ids: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(
+    logits: torch.Tensor, ids: torch.Tensor, penalty: float
+) -> torch.Tensor:
     """CTRL's penalty (Keskar et al. 2019) on tokens present in `ids`: divide positive logits by
     `penalty`, multiply negative ones, so a penalty > 1 always lowers the token's probability."""
     V = logits.shape[-1]
@@ -77,7 +79,9 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def process_logits(logits: torch.Tensor, ids: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor, ids: torch.Tensor, config: GenerationConfig
+) -> torch.Tensor:
     """All processors `config` asks for, in HF's order. Greedy decoding skips the warpers, whose
     filtering and rescaling cannot change the argmax."""
     if config.repetition_penalty != 1.0:

@@ -86,7 +86,7 @@ def test_history_processors_ignore_left_padding():
     ids = random_ids(high=4)
     padded = ids.clone()
     padded[1, :5] = PAD
-    padded[3, :T - 1] = PAD  # a single real token
+    padded[3, : T - 1] = PAD  # a single real token
     for row, start in ((1, 5), (3, T - 1)):
         one = ids[row : row + 1, start:]
         got = apply_repetition_penalty(logits, padded, 1.7)[row]
@@ -99,10 +99,14 @@ def test_history_processors_ignore_left_padding():
 def test_greedy_is_argmax_after_penalties_only():
     logits, ids = random_logits(), random_ids()
     # warpers are ignored by greedy decoding; the penalties are not
-    config = GenerationConfig(do_sample=False, temperature=0.1, top_k=3, top_p=0.2, repetition_penalty=3.0)
+    config = GenerationConfig(
+        do_sample=False, temperature=0.1, top_k=3, top_p=0.2, repetition_penalty=3.0
+    )
     expected = apply_repetition_penalty(logits, ids, 3.0).argmax(-1)
     assert torch.equal(next_tokens(logits, ids, config), expected)
-    assert torch.equal(process_logits(logits, ids, config), apply_repetition_penalty(logits, ids, 3.0))
+    assert torch.equal(
+        process_logits(logits, ids, config), apply_repetition_penalty(logits, ids, 3.0)
+    )
 
 
 def draws(logits: torch.Tensor, config: GenerationConfig, n: int = 4000) -> torch.Tensor:
@@ -114,7 +118,9 @@ def draws(logits: torch.Tensor, config: GenerationConfig, n: int = 4000) -> torc
 
 def test_low_temperature_is_greedy_and_high_temperature_flattens():
     logits = torch.randn(V) * 2
-    assert set(draws(logits, GenerationConfig(temperature=1e-4)).tolist()) == {logits.argmax().item()}
+    assert set(draws(logits, GenerationConfig(temperature=1e-4)).tolist()) == {
+        logits.argmax().item()
+    }
     probs = [apply_temperature(logits, t).softmax(-1) for t in (0.5, 1.0, 10.0)]
     entropy = [-(p * p.log()).sum().item() for p in probs]
     assert entropy[0] < entropy[1] < entropy[2] <= torch.log(torch.tensor(float(V))).item()
@@ -129,20 +135,20 @@ def test_top_k_samples_only_the_top_k():
 
 
 def test_top_p_samples_only_the_nucleus():
-    logits = torch.randn(V) * 2
+    logits = torch.randn(V)
     probs, order = logits.softmax(-1).sort(descending=True)
     size = int((probs.cumsum(0) < 0.6).sum()) + 1  # smallest set reaching 0.6
     nucleus = set(order[:size].tolist())
     seen = set(draws(logits, GenerationConfig(top_p=0.6)).tolist())
-    assert seen <= nucleus and len(seen) > 1
+    assert seen == nucleus and len(seen) > 1
 
 
 def test_min_p_samples_only_likely_tokens():
-    logits = torch.randn(V) * 2
+    logits = torch.randn(V)
     probs = logits.softmax(-1)
     kept = set(torch.nonzero(probs >= 0.2 * probs.max()).flatten().tolist())
     seen = set(draws(logits, GenerationConfig(min_p=0.2)).tolist())
-    assert seen <= kept and len(seen) > 1
+    assert seen == kept and len(seen) > 1
 
 
 def test_seeded_draws_repeat():
