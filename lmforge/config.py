@@ -109,7 +109,7 @@ def from_dict(cls: type[T], data: dict[str, Any], section: str = "") -> T:
     unknown = sorted(set(data) - fields)
     if unknown:
         raise LmforgeError(
-            f"unknown config key {prefix}{unknown[0]!r}; valid keys are: {', '.join(sorted(fields))}"
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys are: {', '.join(sorted(fields))}"
         )
     kwargs = {k: _coerce(prefix + k, v, types_[k]) for k, v in data.items()}
     return cls(**kwargs)

@@ -24,15 +24,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmforge.checkpoint import (
-    FORMAT_VERSION,
-    WEIGHTS_FILE,
-    Checkpoint,
-    atomic_dir,
-    weights_state_dict,
-)
+from lmforge.checkpoint import FORMAT_VERSION, WEIGHTS_FILE, Checkpoint, weights_state_dict
 from lmforge.config import from_dict
 from lmforge.errors import LmforgeError
+from lmforge.fileio import atomic_dir
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.tokenizer import Tokenizer
 

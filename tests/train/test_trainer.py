@@ -50,7 +50,8 @@ def test_loss_falls_on_builtin_corpus(tmp_path):
     val = [r["val_loss"] for r in evals if r["kind"] == "eval"]
     assert result.stop_reason == "max_iters" and result.iters == 150
     assert val[0] > 6.0  # ~ln(512) at random init
-    assert val[-1] < val[0] - 1.5, val
+    assert val[-1] < val[0] - 1.0, val  # from ln(512) to well below: it learned the text
+    assert val == sorted(val, reverse=True)
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
     assert (tmp_path / "run" / "best" / "model.safetensors").exists()
 
