@@ -115,11 +115,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 # ---- generate --------------------------------------------------------------------------------
-def generation_config_from_args(args: argparse.Namespace):
+def generation_config_from_args(args: argparse.Namespace, max_new_tokens: int):
     from lmforge.generate import GenerationConfig
 
     return GenerationConfig(
-        max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
+        max_new_tokens=max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
         no_repeat_ngram_size=args.no_repeat_ngram_size, stop=args.stop or [],
         num_return_sequences=args.num_return_sequences, seed=args.seed,
@@ -129,20 +129,27 @@ def generation_config_from_args(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.checkpoint import load_checkpoint
     from lmforge.generate import generate
+    from lmforge.train.trainer import resolve_device
 
     prompts = list(args.prompt or [])
     if args.prompt_file:
         prompts += _read_prompt_file(args.prompt_file)
     if not prompts:
         raise LmforgeError("give at least one --prompt TEXT (or --prompt-file FILE, one prompt a line)")
-    config = generation_config_from_args(args)
-    ckpt = load_checkpoint(args.checkpoint, device=args.device)
+    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:  # 100, or what still fits in the context after the longest prompt
+        longest = max(len(ids) for ids in ckpt.tokenizer.encode_batch(prompts))
+        max_new_tokens = max(1, min(100, ckpt.model.config.block_size - longest))
+    config = generation_config_from_args(args, max_new_tokens)
     stream = not args.json and not args.no_stream and len(prompts) * config.num_return_sequences == 1
-    if stream:
-        sys.stdout.write(prompts[0])
-        sys.stdout.flush()
+    printed_prompt = False
 
     def on_text(index: int, piece: str) -> None:
+        nonlocal printed_prompt
+        if not printed_prompt:  # only once generation is under way, so errors come on a clean line
+            sys.stdout.write(prompts[0])
+            printed_prompt = True
         sys.stdout.write(piece)
         sys.stdout.flush()
 
@@ -153,10 +160,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
              "finish_reason": r.finish_reason} for r in results
         ], ensure_ascii=False, indent=2))
     elif stream:
-        print()
+        print("" if printed_prompt else results[0].prompt + results[0].text)
     else:
+        per_prompt = config.num_return_sequences
         for i, r in enumerate(results):
-            print(f"--- sample {i + 1} (prompt {prompts.index(r.prompt) + 1}, {r.finish_reason}) ---")
+            print(f"--- prompt {i // per_prompt + 1}, sample {i % per_prompt + 1} ({r.finish_reason}) ---")
             print(r.prompt + r.text)
 
 
@@ -172,8 +180,9 @@ def _read_prompt_file(path: str) -> list[str]:
 def cmd_eval(args: argparse.Namespace) -> None:
     from lmforge.checkpoint import load_checkpoint
     from lmforge.eval import perplexity_of_file
+    from lmforge.train.trainer import resolve_device
 
-    ckpt = load_checkpoint(args.checkpoint, device=args.device)
+    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
     result = perplexity_of_file(ckpt.model, ckpt.tokenizer, args.text, args.context, args.batch_size)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -263,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint folder, run folder, or Hugging Face GPT-2 folder")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-file", help="file with one prompt a line ('-' for stdin)")
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens to generate (default: 100, or what fits in the model's context)")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
@@ -276,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print results (text and token ids) as JSON")
     p.add_argument("--no-stream", action="store_true", help="print when done instead of streaming")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="loss and perplexity of a text file")

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from lmforge.fileio import atomic_dir
 from lmforge.config import check, check_choice
 from lmforge.data.sources import Fingerprint, describe_source, read_documents
 from lmforge.errors import LmforgeError
+from lmforge.fileio import atomic_dir
 from lmforge.tokenizer import KINDS, Tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1

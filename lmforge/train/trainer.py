@@ -58,7 +58,10 @@ class TrainResult:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise LmforgeError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LmforgeError("train.device=cuda but no CUDA device is available; use cpu or auto")
     return device
