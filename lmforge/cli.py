@@ -97,15 +97,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     model_config, train_config, data_config = build_run_configs(
         args.data, args.out, args.preset, args.config, args.set or [], args.resume
     )
-    from lmforge.models.gpt import GPT
-
-    n_params = GPT(model_config).num_params() if not args.resume else None
-    if n_params is not None:
-        print(
-            f"model: {n_params / 1e6:.2f}M parameters, "
-            f"{model_config.flops_per_token(n_params) / 1e6:.1f} MFLOPs per token (6N + 12LdT), "
-            f"context {model_config.block_size}, vocab {model_config.vocab_size}"
-        )
     result = train(model_config if not args.resume else None, train_config, data_config, args.out,
                    resume=args.resume, progress=not args.no_progress)
     summary = f"stopped ({result.stop_reason}) at iter {result.iters} after {result.seconds:.0f}s"

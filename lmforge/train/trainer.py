@@ -135,6 +135,11 @@ def train(
 
     tokens_per_iter = tc.batch_size * tc.grad_accum_steps * model_config.block_size
     flops_per_token = model.flops_per_token()
+    tqdm.write(
+        f"model: {model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs per token "
+        f"(6N + 12LdT), context {model_config.block_size}, vocab {model_config.vocab_size}; "
+        f"{tokens_per_iter:,} tokens per step, precision {precision}"
+    )
     peak = measure_matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = (run_dir / METRICS_FILE).open("a")
