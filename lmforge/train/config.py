@@ -33,23 +33,42 @@ class TrainConfig:
     seed: int = 1337
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum_steps", "max_iters", "eval_interval", "eval_iters", "log_interval"):
+        for name in (
+            "batch_size",
+            "grad_accum_steps",
+            "max_iters",
+            "eval_interval",
+            "eval_iters",
+            "log_interval",
+        ):
             check(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         if self.min_lr is None:
             self.min_lr = self.lr / 10
-        check(0 <= self.min_lr <= self.lr, f"train.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        check(
+            0 <= self.min_lr <= self.lr,
+            f"train.min_lr must be in [0, lr={self.lr}], got {self.min_lr}",
+        )
         check_choice("train.lr_schedule", self.lr_schedule, ("cosine", "linear", "constant"))
         check(self.warmup_iters >= 0, f"train.warmup_iters must be >= 0, got {self.warmup_iters}")
         if self.lr_decay_iters is None:
             self.lr_decay_iters = self.max_iters
-        check(self.lr_decay_iters >= 1, f"train.lr_decay_iters must be >= 1, got {self.lr_decay_iters}")
+        check(
+            self.lr_decay_iters >= 1,
+            f"train.lr_decay_iters must be >= 1, got {self.lr_decay_iters}",
+        )
         check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         for name in ("beta1", "beta2"):
-            check(0 <= getattr(self, name) < 1, f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+            check(
+                0 <= getattr(self, name) < 1,
+                f"train.{name} must be in [0, 1), got {getattr(self, name)}",
+            )
         check(self.grad_clip >= 0, f"train.grad_clip must be >= 0, got {self.grad_clip}")
         check(self.patience >= 0, f"train.patience must be >= 0, got {self.patience}")
-        check(self.max_time is None or self.max_time > 0, f"train.max_time must be > 0 seconds, got {self.max_time}")
+        check(
+            self.max_time is None or self.max_time > 0,
+            f"train.max_time must be > 0 seconds, got {self.max_time}",
+        )
         check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         check(
             self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
@@ -62,4 +81,7 @@ class DataConfig:
     path: str = ""  # a folder written by `lmforge prepare`
 
     def __post_init__(self) -> None:
-        check(bool(self.path), "data.path is empty: pass --data DATA_DIR (a folder made by `lmforge prepare`)")
+        check(
+            bool(self.path),
+            "data.path is empty: pass --data DATA_DIR (a folder made by `lmforge prepare`)",
+        )

@@ -27,7 +27,13 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path) -> Path | None:
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     if train:
-        ax.plot([r["iter"] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.5, label="train loss (batch)")
+        ax.plot(
+            [r["iter"] for r in train],
+            [r["loss"] for r in train],
+            lw=0.8,
+            alpha=0.5,
+            label="train loss (batch)",
+        )
     for key, style in (("train_loss", "o-"), ("val_loss", "s-")):
         points = [(r["iter"], r[key]) for r in evals if key in r]
         if points:

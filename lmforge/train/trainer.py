@@ -32,6 +32,7 @@ from lmforge.checkpoint import load_checkpoint, load_train_state, save_checkpoin
 from lmforge.data import RandomBatches, TokenData
 from lmforge.errors import LmforgeError
 from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.train.allocator import tune_cpu_allocator
 from lmforge.train.config import DataConfig, TrainConfig
 from lmforge.train.objectives import causal_lm_loss
 from lmforge.train.optim import lr_at, make_optimizer
@@ -39,6 +40,7 @@ from lmforge.train.precision import autocast_context, measure_matmul_peak, resol
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+EVAL_LOGITS_BUDGET = 1 << 25  # logits elements per evaluation forward pass (128 MiB in fp32)
 
 
 class TrainingDiverged(LmforgeError):
@@ -83,16 +85,22 @@ def train(
     tc, run_dir = train_config, Path(out_dir)
     data = TokenData.open(data_config.path)
     device = resolve_device(tc.device)
+    if device.type == "cpu":
+        tune_cpu_allocator()
 
     # ---- model, optimizer and state: fresh, or restored from the last checkpoint ---------------
     state: dict[str, Any] | None = None
     if resume:
         if not (run_dir / "last").exists():
-            raise LmforgeError(f"cannot resume: {str(run_dir / 'last')!r} does not exist (start without --resume)")
+            raise LmforgeError(
+                f"cannot resume: {str(run_dir / 'last')!r} does not exist (start without --resume)"
+            )
         ckpt = load_checkpoint(run_dir / "last", device=device)
         model, state = ckpt.model, load_train_state(ckpt.path)
         if model_config is not None and asdict(model_config) != asdict(model.config):
-            raise LmforgeError("cannot change the model config when resuming; drop the model overrides")
+            raise LmforgeError(
+                "cannot change the model config when resuming; drop the model overrides"
+            )
         model_config = model.config
     else:
         if model_config is None:
@@ -122,11 +130,17 @@ def train(
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
-        start_iter, best_val, evals_since_best = state["iter"], state["best_val_loss"], state["evals_since_best"]
+        start_iter, best_val, evals_since_best = (
+            state["iter"],
+            state["best_val_loss"],
+            state["evals_since_best"],
+        )
         precision = state["precision"]
         _truncate_metrics(run_dir / METRICS_FILE, start_iter)
     else:
-        probe = RandomBatches(data, "train", tc.batch_size, model_config.block_size, seed=tc.seed + 1)
+        probe = RandomBatches(
+            data, "train", tc.batch_size, model_config.block_size, seed=tc.seed + 1
+        )
         precision, timings = resolve_precision(tc.precision, model, probe.next_batch, device)
         if timings:
             tqdm.write(f"precision auto: {timings} -> {precision}")
@@ -160,12 +174,24 @@ def train(
                 "evals_since_best": evals_since_best,
                 "precision": precision,
             }
-        save_checkpoint(run_dir / name, model, data.tokenizer, extra={**meta, "iter": it}, train_state=train_state)
+        save_checkpoint(
+            run_dir / name,
+            model,
+            data.tokenizer,
+            extra={**meta, "iter": it},
+            train_state=train_state,
+        )
 
     # ---- the loop -----------------------------------------------------------------------------
     it, stop_reason, last_eval = start_iter, None, {}
     t_start = time.perf_counter()
-    bar = tqdm(total=tc.max_iters, initial=start_iter, disable=not progress, dynamic_ncols=True, desc="train")
+    bar = tqdm(
+        total=tc.max_iters,
+        initial=start_iter,
+        disable=not progress,
+        dynamic_ncols=True,
+        desc="train",
+    )
     with _GracefulStop() as stop:
         loss_acc, n_acc = 0.0, 0
         while True:
@@ -176,11 +202,15 @@ def train(
             elif tc.max_time is not None and time.perf_counter() - t_start > tc.max_time:
                 stop_reason = "max_time"
             # evaluate and checkpoint on the interval and when stopping (a resumed step was done already)
-            if (it % tc.eval_interval == 0 or stop_reason) and not (state is not None and it == start_iter):
+            if (it % tc.eval_interval == 0 or stop_reason) and not (
+                state is not None and it == start_iter
+            ):
                 last_eval = estimate_loss(model, data, tc, model_config.block_size, ctx, has_val)
                 key = "val_loss" if has_val else "train_loss"
                 if not math.isfinite(last_eval[key]):
-                    raise TrainingDiverged(_diverged_message(f"{key} is {last_eval[key]}", it, run_dir))
+                    raise TrainingDiverged(
+                        _diverged_message(f"{key} is {last_eval[key]}", it, run_dir)
+                    )
                 log({"iter": it, "kind": "eval", **last_eval})
                 improved = best_val is None or last_eval[key] < best_val
                 if improved:
@@ -191,7 +221,11 @@ def train(
                 save(it, "last")
                 bar.write(
                     f"iter {it}: train loss {last_eval['train_loss']:.4f}"
-                    + (f", val loss {last_eval['val_loss']:.4f} (ppl {last_eval['val_ppl']:.2f})" if has_val else "")
+                    + (
+                        f", val loss {last_eval['val_loss']:.4f} (ppl {last_eval['val_ppl']:.2f})"
+                        if has_val
+                        else ""
+                    )
                     + (" *best*" if improved else "")
                 )
                 if tc.patience and evals_since_best >= tc.patience and not stop_reason:
@@ -203,8 +237,14 @@ def train(
             if it == start_iter:
                 t_log = time.perf_counter()
 
-            lr = lr_at(it, schedule=tc.lr_schedule, lr=tc.lr, min_lr=tc.min_lr,
-                       warmup_iters=tc.warmup_iters, decay_iters=tc.lr_decay_iters)
+            lr = lr_at(
+                it,
+                schedule=tc.lr_schedule,
+                lr=tc.lr,
+                min_lr=tc.min_lr,
+                warmup_iters=tc.warmup_iters,
+                decay_iters=tc.lr_decay_iters,
+            )
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_loss = 0.0
@@ -219,7 +259,9 @@ def train(
             if tc.grad_clip > 0:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                 if not torch.isfinite(grad_norm):
-                    raise TrainingDiverged(_diverged_message(f"gradient norm is {grad_norm.item()}", it, run_dir))
+                    raise TrainingDiverged(
+                        _diverged_message(f"gradient norm is {grad_norm.item()}", it, run_dir)
+                    )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             it += 1
@@ -230,10 +272,18 @@ def train(
                 dt = time.perf_counter() - t_log
                 tok_s = tokens_per_iter * n_acc / dt
                 mfu = flops_per_token * tok_s / peak
-                record = {"iter": it, "kind": "train", "loss": loss_acc / n_acc, "lr": lr,
-                          "tok_per_s": round(tok_s, 1), "mfu": round(mfu, 4)}
+                record = {
+                    "iter": it,
+                    "kind": "train",
+                    "loss": loss_acc / n_acc,
+                    "lr": lr,
+                    "tok_per_s": round(tok_s, 1),
+                    "mfu": round(mfu, 4),
+                }
                 log(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}"
+                )
                 t_log, loss_acc, n_acc = time.perf_counter(), 0.0, 0
     bar.close()
     metrics.close()
@@ -244,19 +294,23 @@ def train(
 @torch.no_grad()
 def estimate_loss(model: GPT, data: TokenData, tc: TrainConfig, block_size: int, ctx, has_val: bool) -> dict:
     """Mean loss over `eval_iters` batches of each split. The batches come from a fixed seed, so
-    every evaluation scores the same windows, and the training RNG is left untouched."""
+    every evaluation scores the same windows, and the training RNG is left untouched. Batches
+    run several at a time (equal sizes, so the mean is the same), bounded so the logits stay small."""
     was_training = model.training
     model.eval()
     out = {}
     device = next(model.parameters()).device
+    per_forward = max(1, min(tc.eval_iters, EVAL_LOGITS_BUDGET // (tc.batch_size * block_size * model.config.vocab_size)))
     for split in ("train", "val") if has_val else ("train",):
         sampler = RandomBatches(data, split, tc.batch_size, block_size, seed=tc.seed + 1000)
-        losses = []
-        for _ in range(tc.eval_iters):
-            x, y = (t.to(device) for t in sampler.next_batch())
+        total, remaining = 0.0, tc.eval_iters
+        while remaining:
+            n = min(per_forward, remaining)
+            x, y = (torch.cat(t).to(device) for t in zip(*(sampler.next_batch() for _ in range(n))))
             with ctx:
-                losses.append(causal_lm_loss(model, x, y).item())
-        out[f"{split}_loss"] = sum(losses) / len(losses)
+                total += causal_lm_loss(model, x, y).item() * n
+            remaining -= n
+        out[f"{split}_loss"] = total / tc.eval_iters
     if has_val:
         out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
     model.train(was_training)
@@ -274,7 +328,8 @@ def _diverged_message(what: str, it: int, run_dir: Path) -> str:
     last = run_dir / "last"
     where = (
         f"the last good checkpoint {str(last)!r} is intact; resume with --resume, e.g. with a lower train.lr"
-        if last.exists() else "no checkpoint was written yet"
+        if last.exists()
+        else "no checkpoint was written yet"
     )
     return f"training stopped at iter {it}: {what}; {where}"
 
@@ -283,7 +338,11 @@ def _truncate_metrics(path: Path, up_to_iter: int) -> None:
     """Drop log records past the checkpoint being resumed (they belong to a run that died)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iter"] <= up_to_iter]
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line and json.loads(line)["iter"] <= up_to_iter
+    ]
     # the eval record at up_to_iter is logged again by nobody: keep it
     path.write_text("".join(line + "\n" for line in kept))
 
@@ -310,7 +369,9 @@ class _GracefulStop:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        tqdm.write("stopping: finishing this step and saving a checkpoint (Ctrl-C again to abort without saving)")
+        tqdm.write(
+            "stopping: finishing this step and saving a checkpoint (Ctrl-C again to abort without saving)"
+        )
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
