@@ -71,6 +71,8 @@ def hf_gpt2(c: dict) -> nn.Module:
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        bos_token_id=None,  # GPT-2's defaults (50256) lie outside this 65-token vocabulary
+        eos_token_id=None,
         attn_implementation="sdpa",
     )
     return GPT2LMHeadModel(config)

@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="prepare the built-in corpus, train a small GPT, generate")
     p.add_argument("--out", default="runs/quickstart", help="folder for data and run (default: runs/quickstart)")
     p.add_argument("--minutes", type=float, default=3.0, help="training time budget (default: 3)")
-    p.add_argument("--iters", type=int, default=5000, help="at most this many steps (default: 5000)")
+    p.add_argument("--iters", type=int, default=1000, help="at most this many steps (default: 1000)")
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("prepare", help="clean text, train a tokenizer, write token shards")
