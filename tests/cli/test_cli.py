@@ -139,3 +139,19 @@ def test_checkpoint_errors_are_one_line(workdir, tmp_path):
                           "context")
     assert_one_line_error(lmforge("generate", tmp_path / "missing", "--prompt", "a", check=False), "does not exist")
     assert_one_line_error(lmforge("eval", run, "--text", tmp_path / "missing.txt", check=False), "does not exist")
+
+
+def test_config_file_and_overrides(workdir, tmp_path):
+    (tmp_path / "run.toml").write_text(
+        'preset = "gpt-tiny-modern"\n[model]\nn_layer = 1\nblock_size = 32\n'
+        "[train]\nmax_iters = 4\neval_interval = 2\nbatch_size = 2\neval_iters = 1\nprecision = \"fp32\"\n"
+    )
+    out = lmforge("train", "--data", workdir / "data", "--out", tmp_path / "run", "--config", tmp_path / "run.toml",
+                  "--set", "max_iters=6", "--no-progress")  # a bare key: only [train] has max_iters
+    assert "stopped (max_iters) at iter 6" in out.stdout
+    meta = json.loads((tmp_path / "run" / "last" / "config.json").read_text())
+    assert meta["model"]["n_layer"] == 1 and meta["model"]["position"] == "rotary"  # file over preset
+    assert meta["train"]["max_iters"] == 6  # --set over file
+    (tmp_path / "bad.toml").write_text("[optimizer]\nlr = 1\n")
+    assert_one_line_error(lmforge("train", "--data", workdir / "data", "--out", tmp_path / "r2", "--config",
+                                  tmp_path / "bad.toml", check=False), "unknown section [optimizer]")
