@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.config import from_dict
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_dir, recover_dir
+from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.tokenizer import Tokenizer
 
@@ -33,12 +34,12 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.pt"
-MODEL_TYPES = {"gpt": (GPT, GPTConfig)}
+MODEL_TYPES = {"gpt": (GPT, GPTConfig), "bert": (Bert, BertConfig)}
 
 
 @dataclass
 class Checkpoint:
-    model: GPT
+    model: GPT | Bert
     tokenizer: Tokenizer
     meta: dict[str, Any] = field(default_factory=dict)  # the whole config.json
     path: Path | None = None

@@ -1,7 +1,7 @@
 """Conversion between lmforge checkpoints and other formats, one small adapter module per format.
 
 Hugging Face folders are told apart from lmforge checkpoints by their config.json: lmforge writes
-a "format_version", Hugging Face a "model_type" such as "gpt2". `convert` reads the direction
+a "format_version", Hugging Face a "model_type" such as "gpt2" or "bert". `convert` reads the direction
 from SRC; `load_hf_checkpoint` lets `lmforge.checkpoint.load_checkpoint` open HF folders directly.
 """
 
@@ -21,12 +21,12 @@ from lmforge.checkpoint import (
     save_checkpoint,
 )
 from lmforge.errors import LmforgeError
-from lmforge.interop import hf_gpt2
+from lmforge.interop import hf_bert, hf_gpt2
 
 # HF config.json model_type -> adapter reading such folders
-HF_IMPORTERS: dict[str, ModuleType] = {hf_gpt2.MODEL_TYPE: hf_gpt2}
+HF_IMPORTERS: dict[str, ModuleType] = {hf_gpt2.MODEL_TYPE: hf_gpt2, hf_bert.MODEL_TYPE: hf_bert}
 # lmforge model_type -> adapter writing it as an HF folder
-HF_EXPORTERS: dict[str, ModuleType] = {"gpt": hf_gpt2}
+HF_EXPORTERS: dict[str, ModuleType] = {"gpt": hf_gpt2, "bert": hf_bert}
 
 
 def load_hf_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
