@@ -5,6 +5,8 @@
     lmforge train --data DIR --out RUN  pretrain (or --resume) a model
     lmforge generate CKPT --prompt ...  sample text
     lmforge eval CKPT --text FILE       loss and perplexity of a file
+    lmforge fill-mask CKPT TEXT         top tokens for each [MASK] (BERT)
+    lmforge embed CKPT --text ...       sentence embeddings (BERT)
     lmforge convert SRC DST             lmforge <-> Hugging Face checkpoints
 
 User errors (bad config, missing data, ...) print one line `lmforge: error: ...` and exit with 2.
@@ -162,7 +164,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def _read_prompt_file(path: str) -> list[str]:
     p = Path(path)
     if path != "-" and not p.is_file():
-        raise LmforgeError(f"--prompt-file {path!r} does not exist")
+        raise LmforgeError(f"file {path!r} does not exist")
     text = sys.stdin.read() if path == "-" else p.read_text(encoding="utf-8")
     return [line for line in text.splitlines() if line.strip()]
 
@@ -182,6 +184,62 @@ def cmd_eval(args: argparse.Namespace) -> None:
             f"{result['file']}: loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.3f} "
             f"({result['predicted_tokens']:,} predicted tokens in {result['windows']} windows of {result['context']})"
         )
+
+
+# ---- encoders: fill-mask, embed ---------------------------------------------------------------
+def _texts_from_args(args: argparse.Namespace) -> list[str]:
+    texts = list(args.text or [])
+    if args.file:
+        texts += _read_prompt_file(args.file)
+    if not texts:
+        raise LmforgeError("give at least one --text TEXT (or --file FILE, one text a line)")
+    return texts
+
+
+def cmd_fill_mask(args: argparse.Namespace) -> None:
+    from lmforge.checkpoint import load_checkpoint
+    from lmforge.encoders import fill_mask
+    from lmforge.train.trainer import resolve_device
+
+    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    results = [fill_mask(ckpt.model, ckpt.tokenizer, text, top_k=args.top_k) for text in args.text]
+    if args.json:
+        print(json.dumps([{"text": t, "masks": r} for t, r in zip(args.text, results)], ensure_ascii=False, indent=2))
+        return
+    for text, masks in zip(args.text, results):
+        print(text)
+        for i, candidates in enumerate(masks):
+            label = f"  [MASK] {i + 1}: " if len(masks) > 1 else "  "
+            print(label + ", ".join(f"{c['token']} ({c['score']:.3f})" for c in candidates))
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    from lmforge.checkpoint import load_checkpoint
+    from lmforge.encoders import embed
+    from lmforge.train.trainer import resolve_device
+
+    texts = _texts_from_args(args)
+    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    vectors = embed(ckpt.model, ckpt.tokenizer, texts, normalize=not args.no_normalize,
+                    batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps([{"text": t, "embedding": v} for t, v in zip(texts, vectors.tolist())], ensure_ascii=False))
+        return
+    for text, vector in zip(texts, vectors.tolist()):
+        shown = " ".join(f"{x:+.4f}" for x in vector[:8])
+        print(f"{text!r}: [{shown} ...] ({len(vector)} dims)")
+    if len(texts) > 1:  # the cosine similarities are what users usually want to see
+        sims = vectors @ vectors.T if not args.no_normalize else torch_cosine(vectors)
+        print("cosine similarity:")
+        for i, row in enumerate(sims.tolist()):
+            print(f"  {i + 1}: " + " ".join(f"{x:.3f}" for x in row))
+
+
+def torch_cosine(vectors):
+    import torch.nn.functional as F
+
+    unit = F.normalize(vectors, dim=-1)
+    return unit @ unit.T
 
 
 # ---- convert ---------------------------------------------------------------------------------
@@ -288,6 +346,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("fill-mask", help="predict the [MASK] tokens of a text with an MLM checkpoint")
+    p.add_argument("checkpoint", help="lmforge or Hugging Face BERT checkpoint with a masked-LM head")
+    p.add_argument("text", nargs="+", help='text with one or more [MASK] tokens, e.g. "Paris is the [MASK] of France."')
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_fill_mask)
+
+    p = sub.add_parser("embed", help="sentence embeddings from an encoder checkpoint (mean pooling)")
+    p.add_argument("checkpoint", help="lmforge or Hugging Face BERT checkpoint (e.g. all-MiniLM-L6-v2)")
+    p.add_argument("--text", action="append", help="text to embed (repeatable)")
+    p.add_argument("--file", help="file with one text a line ('-' for stdin)")
+    p.add_argument("--no-normalize", action="store_true", help="keep the raw mean-pooled vectors")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print the vectors as JSON")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("convert", help="convert between lmforge and Hugging Face checkpoints")
     p.add_argument("src", help="lmforge checkpoint/run folder, or Hugging Face folder")
