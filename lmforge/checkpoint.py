@@ -151,26 +151,38 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
 def load_weights(model: torch.nn.Module, weights_file: Path) -> None:
     if not weights_file.is_file():
         raise LmforgeError(f"missing weights file {str(weights_file)!r}")
-    tensors = load_file(str(weights_file))
+    copy_weights(model, load_file(str(weights_file)), f"weights in {str(weights_file)!r}")
+
+
+def copy_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Strict load with user-facing errors: every tensor the model stores must be there (a tied
+    weight once, under either name), none may be extra, and shapes must match the config.
+    Tensors are copied into the model's parameters, casting fp16/bf16 files to their dtype."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors and not _is_tied(model, k)]
-    unexpected = [k for k in tensors if k not in expected]
+    missing = sorted(set(weights_state_dict(model)) - set(tensors) - _tied_aliases_present(model, tensors))
+    unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise LmforgeError(
-            f"weights in {str(weights_file)!r} do not fit the model config: "
-            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+            f"{where} do not fit the model config: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
         )
     for name, tensor in tensors.items():
         if tensor.shape != expected[name].shape:
             raise LmforgeError(
-                f"weight {name} in {str(weights_file)!r} has shape {tuple(tensor.shape)}, "
-                f"the model config expects {tuple(expected[name].shape)}"
+                f"{where}: weight {name} has shape {tuple(tensor.shape)}, the model config expects "
+                f"{tuple(expected[name].shape)}"
             )
-    model.load_state_dict(tensors, strict=False)
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            expected[name].copy_(tensor)
 
 
-def _is_tied(model: torch.nn.Module, name: str) -> bool:
-    return name == "lm_head.weight" and getattr(model.config, "tie_embeddings", False)
+def _tied_aliases_present(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> set[str]:
+    """Names whose tensor is shared with another name that `tensors` does hold."""
+    by_storage: dict[tuple, list[str]] = {}
+    for name, t in model.state_dict().items():
+        by_storage.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), []).append(name)
+    return {n for names in by_storage.values() if any(m in tensors for m in names) for n in names}
 
 
 def save_train_state(path: Path, state: dict[str, Any]) -> None:

@@ -28,7 +28,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lmforge.checkpoint import FORMAT_VERSION, WEIGHTS_FILE, Checkpoint, weights_state_dict
+from lmforge.checkpoint import (
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    Checkpoint,
+    copy_weights,
+    weights_state_dict,
+)
 from lmforge.config import from_dict
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_dir
@@ -286,18 +292,6 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], c: BertConfig) -> dict[str, to
     return out
 
 
-def load_model_weights(model: Bert, sd: dict[str, torch.Tensor], where: str) -> None:
-    expected = model.state_dict()
-    for name, t in sd.items():
-        if t.shape != expected[name].shape:
-            raise LmforgeError(
-                f"{where}: weight {name} has shape {tuple(t.shape)}, the config expects {tuple(expected[name].shape)}"
-            )
-    with torch.no_grad():
-        for name, t in sd.items():
-            expected[name].copy_(t)  # casts fp16/bf16 checkpoints to the model's float32
-
-
 # --- folders -------------------------------------------------------------------------------------
 def load(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Read an HF BERT folder (config.json, weights, tokenizer) into an lmforge Checkpoint."""
@@ -311,7 +305,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoin
     if has_pooler != config.pooler:
         config = from_dict(BertConfig, {**asdict(config), "pooler": has_pooler}, section="model")
     model = Bert(config)
-    load_model_weights(model, state_dict_from_hf(hf, config, where), where)
+    copy_weights(model, state_dict_from_hf(hf, config, where), f"weights in {where!r}")
     model.to(device).eval()
     # the same sections save_checkpoint writes, so code reading meta["model"] works on both
     meta = {

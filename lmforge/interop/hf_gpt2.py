@@ -24,7 +24,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmforge.checkpoint import FORMAT_VERSION, WEIGHTS_FILE, Checkpoint, weights_state_dict
+from lmforge.checkpoint import (
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    Checkpoint,
+    copy_weights,
+    weights_state_dict,
+)
 from lmforge.config import from_dict
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_dir
@@ -212,26 +218,6 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def load_model_weights(model: GPT, sd: dict[str, torch.Tensor], where: str) -> None:
-    """Strict load with user-facing errors; a tied lm_head needs no tensor of its own."""
-    expected = model.state_dict()
-    tied = {"lm_head.weight"} if model.config.tie_embeddings else set()
-    missing = sorted(set(expected) - set(sd) - tied)
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise LmforgeError(
-            f"{where}: weights do not fit the GPT-2 config: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    for name, t in sd.items():
-        if t.shape != expected[name].shape:
-            raise LmforgeError(
-                f"{where}: weight {name} has shape {tuple(t.shape)}, the config expects {tuple(expected[name].shape)}"
-            )
-    with torch.no_grad():
-        for name, t in sd.items():
-            expected[name].copy_(t)  # casts fp16/bf16 checkpoints to the model's float32
-
-
 # --- folders -------------------------------------------------------------------------------------
 def load(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Read an HF GPT-2 folder (config.json, weights, tokenizer) into an lmforge Checkpoint."""
@@ -239,7 +225,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoin
     hf_config = json.loads((directory / CONFIG_FILE).read_text())
     config = config_from_hf(hf_config, str(directory))
     model = GPT(config)
-    load_model_weights(model, state_dict_from_hf(read_hf_weights(directory)), str(directory))
+    copy_weights(model, state_dict_from_hf(read_hf_weights(directory)), f"weights in {str(directory)!r}")
     model.to(device).eval()
     # the same sections save_checkpoint writes, so code reading meta["model"] works on both
     meta = {
