@@ -185,10 +185,6 @@ def _tied_aliases_present(model: torch.nn.Module, tensors: dict[str, torch.Tenso
     return {n for names in by_storage.values() if any(m in tensors for m in names) for n in names}
 
 
-def save_train_state(path: Path, state: dict[str, Any]) -> None:
-    torch.save(state, path)
-
-
 def load_train_state(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / STATE_FILE
     if not path.is_file():
