@@ -263,8 +263,11 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     data_dir, run_dir = out / "data", out / "run"
-    print(f"1/3 preparing the built-in corpus (Python reference docs) -> {data_dir}")
-    prepare(PrepareConfig(source="builtin:pydocs", tokenizer="bpe", vocab_size=2048), data_dir)
+    if (data_dir / "manifest.json").is_file():  # a rerun keeps the data (and so the tokenizer) it trained on
+        print(f"1/3 using the corpus already prepared in {data_dir}")
+    else:
+        print(f"1/3 preparing the built-in corpus (Python reference docs) -> {data_dir}")
+        prepare(PrepareConfig(source="builtin:pydocs", tokenizer="bpe", vocab_size=2048), data_dir)
     data = TokenData.open(data_dir)
     print(f"2/3 training a small GPT for up to {args.minutes:g} minutes -> {run_dir}")
     model_config = GPTConfig(**{**GPT_PRESETS["gpt-tiny"], "block_size": 128, "dropout": 0.1,
