@@ -13,8 +13,9 @@ encoder-side `encode_for_encoder` adds those special tokens; `encode` never does
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -118,6 +119,18 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    @contextlib.contextmanager
+    def bare_backend(self) -> Iterator[_Backend]:
+        """The backend with its padding and truncation off, restored afterwards: the backend is
+        shared, and a loaded tokenizer.json may pad or truncate every input (MiniLM's pads to 128)."""
+        saved = self.backend.truncation, self.backend.padding
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        try:
+            yield self.backend
+        finally:
+            _restore(self.backend, *saved)
+
     def encode_for_encoder(
         self,
         texts: str | Sequence[str],
@@ -140,18 +153,13 @@ class Tokenizer:
             self._check_chars([*texts, *(pairs or [])])
         inputs = texts if pairs is None else list(zip(texts, pairs, strict=True))
         # truncation is set on the shared backend for this call only, and padding done here
-        saved = self.backend.truncation, self.backend.padding
-        self.backend.no_padding()
-        try:
-            if max_length is not None:
-                self.backend.enable_truncation(max_length, strategy="longest_first")
-            else:
-                self.backend.no_truncation()
-            encodings = self.backend.encode_batch(inputs, add_special_tokens=True)
-        except Exception as e:  # e.g. max_length shorter than the special tokens
-            raise LmforgeError(f"cannot encode with max_length={max_length}: {e}") from e
-        finally:
-            _restore(self.backend, *saved)
+        with self.bare_backend() as backend:
+            try:
+                if max_length is not None:
+                    backend.enable_truncation(max_length, strategy="longest_first")
+                encodings = backend.encode_batch(inputs, add_special_tokens=True)
+            except Exception as e:  # e.g. max_length shorter than the special tokens
+                raise LmforgeError(f"cannot encode with max_length={max_length}: {e}") from e
         B, T = len(encodings), max((len(e.ids) for e in encodings), default=0)
         pad = self.pad_id if self.pad_id is not None else 0
         out = {
