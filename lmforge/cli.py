@@ -7,6 +7,8 @@
     lmforge eval CKPT --text FILE       loss and perplexity of a file
     lmforge fill-mask CKPT TEXT         top tokens for each [MASK] (BERT)
     lmforge embed CKPT --text ...       sentence embeddings (BERT)
+    lmforge finetune --base CKPT ...    fine-tune BERT: classification or NER
+    lmforge predict CKPT --text ...     labels or entities from a fine-tuned checkpoint
     lmforge convert SRC DST             lmforge <-> Hugging Face checkpoints
 
 User errors (bad config, missing data, ...) print one line `lmforge: error: ...` and exit with 2.
@@ -242,6 +244,44 @@ def torch_cosine(vectors):
     return unit @ unit.T
 
 
+# ---- finetune, predict -----------------------------------------------------------------------
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from lmforge.train.finetune import FinetuneConfig, finetune
+
+    options = ("task", "text_column", "pair_column", "label_column", "max_length", "epochs", "batch_size", "lr",
+               "weight_decay", "warmup_ratio", "grad_clip", "patience", "precision", "seed", "eval_batch_size",
+               "device")
+    config = FinetuneConfig(**{k: getattr(args, k) for k in options if getattr(args, k) is not None})
+    result = finetune(args.base, args.train, args.dev, args.out, config, progress=not args.no_progress)
+    print(
+        f"stopped ({result.stop_reason}) after {result.epochs} epoch(s), {result.steps} steps, {result.seconds:.0f}s; "
+        f"best dev {result.metric} {result.best_score:.4f} at epoch {result.best_epoch}; "
+        f"checkpoints in {result.out_dir}/best and {result.out_dir}/last"
+    )
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from lmforge.checkpoint import load_checkpoint
+    from lmforge.predict import predict
+    from lmforge.train.trainer import resolve_device
+
+    texts = _texts_from_args(args)
+    if args.pair is not None and len(args.pair) != len(texts):
+        raise LmforgeError(f"got {len(texts)} texts but {len(args.pair)} --pair; give one --pair per text")
+    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    results = predict(ckpt.model, ckpt.tokenizer, texts, pairs=args.pair, batch_size=args.batch_size,
+                      max_length=args.max_length)
+    if args.json:
+        print(json.dumps([{"text": t, **r} for t, r in zip(texts, results)], ensure_ascii=False, indent=2))
+        return
+    for text, r in zip(texts, results):
+        if "label" in r:
+            print(f"{r['label']}\t{r['score']:.3f}\t{text}")
+        else:
+            shown = ", ".join(f"{e['text']} ({e['entity']}, {e['score']:.2f})" for e in r["entities"])
+            print(f"{text}\n  entities: {shown or 'none'}\n  tags: {' '.join(r['tags'])}")
+
+
 # ---- convert ---------------------------------------------------------------------------------
 def cmd_convert(args: argparse.Namespace) -> None:
     from lmforge.interop import convert
@@ -367,6 +407,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the vectors as JSON")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("finetune", help="fine-tune a BERT checkpoint for classification or NER")
+    p.add_argument("--base", required=True, help="lmforge or Hugging Face BERT checkpoint (any head) to start from")
+    p.add_argument("--train", required=True, help="training file: .tsv/.csv/.jsonl (classification) or CoNLL")
+    p.add_argument("--dev", required=True, help="dev file, scored after every epoch (same format)")
+    p.add_argument("--out", required=True, help="RUN_DIR for best/, last/ and metrics.jsonl")
+    p.add_argument("--task", choices=("classification", "token-classification"), default=None,
+                   help="classification (default) or token-classification (CoNLL files, e.g. NER)")
+    p.add_argument("--text-column", help="text column (default: text, sentence, content, sentence1 or question)")
+    p.add_argument("--pair-column", help="second text of a pair (default: text_pair or sentence2, if present)")
+    p.add_argument("--label-column", help="label column (default: label)")
+    p.add_argument("--max-length", type=int, help="tokens per example, special tokens included (default: 128)")
+    p.add_argument("--epochs", type=int, help="default: 3")
+    p.add_argument("--batch-size", type=int, help="default: 32")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 5e-5)")
+    p.add_argument("--weight-decay", type=float, help="default: 0.01")
+    p.add_argument("--warmup-ratio", type=float, help="fraction of steps warming up, then linear decay (default: 0.1)")
+    p.add_argument("--grad-clip", type=float, help="gradient norm clip, 0 = off (default: 1.0)")
+    p.add_argument("--patience", type=int, help="stop after N epochs without a better dev score (default: 0 = off)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None, help="default: auto")
+    p.add_argument("--seed", type=int, help="default: 1337")
+    p.add_argument("--eval-batch-size", type=int, help="default: 64")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("predict", help="labels (classification) or entities (NER) from a fine-tuned checkpoint")
+    p.add_argument("checkpoint", help="checkpoint or run folder written by `lmforge finetune` (or an HF one)")
+    p.add_argument("--text", action="append", help="text to label (repeatable)")
+    p.add_argument("--file", help="file with one text a line ('-' for stdin)")
+    p.add_argument("--pair", action="append", help="second text of a pair, one per --text (classification)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's positions)")
+    p.add_argument("--json", action="store_true", help="print results as JSON")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("convert", help="convert between lmforge and Hugging Face checkpoints")
     p.add_argument("src", help="lmforge checkpoint/run folder, or Hugging Face folder")

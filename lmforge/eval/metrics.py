@@ -40,7 +40,7 @@ def macro_f1(preds: Sequence[Hashable], golds: Sequence[Hashable]) -> float:
     return sum(scores) / len(scores)
 
 
-def _entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:
+def iob2_entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:
     """The (type, first, last) token spans of the entities in one IOB2-tagged sentence."""
     spans = set()
     current: tuple[str, int] | None = None  # (type, first index) of the entity being read
@@ -69,7 +69,7 @@ def entity_scores(pred_tags: list[list[str]], gold_tags: list[list[str]]) -> dic
             raise LmforgeError(
                 f"sentence {i}: {len(pred)} predicted tags but {len(gold)} gold tags"
             )
-        pred_spans, gold_spans = _entities(pred), _entities(gold)
+        pred_spans, gold_spans = iob2_entities(pred), iob2_entities(gold)
         n_pred += len(pred_spans)
         n_gold += len(gold_spans)
         n_correct += len(pred_spans & gold_spans)

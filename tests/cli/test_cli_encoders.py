@@ -42,3 +42,29 @@ def test_embed_cli(bert_ckpts):
     out = lmforge("embed", bert_ckpts / "plain", "--text", "the quick fox", "--text", "a lazy dog").stdout
     assert "cosine similarity" in out
     assert_one_line_error(lmforge("embed", bert_ckpts / "plain", check=False), "--text")
+
+
+def test_finetune_and_predict_cli(tmp_path):
+    """Classification and NER fine-tuning through the CLI, then predictions from the best checkpoint."""
+    from tests.train.test_finetune import NAMES, PLACES, _sentences, _tagged, write_conll, write_tsv
+
+    texts = [t for _, t in _sentences(50, 0)] + [" ".join(NAMES + PLACES + ["good", "bad"])]
+    tok = train_tokenizer("wordpiece", texts, vocab_size=120)
+    save_checkpoint(tmp_path / "base", tiny_bert(vocab_size=tok.vocab_size, head="mlm"), tok)
+    fast = ["--epochs", "6", "--batch-size", "8", "--lr", "2e-3", "--precision", "fp32", "--no-progress"]
+    out = lmforge("finetune", "--task", "classification", "--base", tmp_path / "base",
+                  "--train", write_tsv(tmp_path / "train.tsv", _sentences(64, 1)),
+                  "--dev", write_tsv(tmp_path / "dev.tsv", _sentences(16, 2)), "--out", tmp_path / "cls", *fast)
+    assert "best dev accuracy 1.0000" in out.stdout, out.stdout
+    rows = json.loads(lmforge("predict", tmp_path / "cls", "--text", "the movie was good", "--text",
+                              "the plot was bad", "--json").stdout)
+    assert [r["label"] for r in rows] == ["pos", "neg"]
+
+    lmforge("finetune", "--task", "token-classification", "--base", tmp_path / "base",
+            "--train", write_conll(tmp_path / "train.conll", _tagged(64, 3)),
+            "--dev", write_conll(tmp_path / "dev.conll", _tagged(16, 4)), "--out", tmp_path / "ner", *fast,
+            "--epochs", "10")
+    [row] = json.loads(lmforge("predict", tmp_path / "ner", "--text", "we saw alice in rome", "--json").stdout)
+    assert {(e["entity"], e["text"]) for e in row["entities"]} == {("PER", "alice"), ("LOC", "rome")}
+    assert_one_line_error(lmforge("finetune", "--base", tmp_path / "base", "--train", tmp_path / "nope.tsv",
+                                  "--dev", tmp_path / "dev.tsv", "--out", tmp_path / "x", check=False), "nope.tsv")
