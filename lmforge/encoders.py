@@ -18,7 +18,7 @@ from lmforge.models.bert import Bert
 from lmforge.tokenizer import Tokenizer
 
 
-def _device(model: Bert) -> torch.device:
+def model_device(model: Bert) -> torch.device:
     return model.embeddings.word.weight.device
 
 
@@ -53,7 +53,7 @@ def embed(
             batch = tokenizer.encode_for_encoder(
                 texts[i : i + batch_size], max_length=max_length or limit
             )
-            batch = {k: v.to(_device(model)) for k, v in batch.items()}
+            batch = {k: v.to(model_device(model)) for k, v in batch.items()}
             h = model(**batch).hidden_states.float()  # (B, T, C)
             mask = batch["attention_mask"][..., None].float()  # (B, T, 1)
             pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, C)
@@ -90,7 +90,7 @@ def fill_mask(model: Bert, tokenizer: Tokenizer, text: str, top_k: int = 5) -> l
     model.eval()
     try:
         logits = (
-            model(**{k: v.to(_device(model)) for k, v in batch.items()}).mlm_logits[0].float().cpu()
+            model(**{k: v.to(model_device(model)) for k, v in batch.items()}).mlm_logits[0].float().cpu()
         )  # (T, vocab)
     finally:
         model.train(was_training)

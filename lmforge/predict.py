@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lmforge.encoders import model_device
 from lmforge.errors import LmforgeError
 from lmforge.eval.metrics import iob2_entities
 from lmforge.models.bert import Bert
@@ -54,10 +55,6 @@ def _check_model(model: Bert, batch_size: int, max_length: int | None) -> int:
     return max_length or limit
 
 
-def _device(model: Bert) -> torch.device:
-    return model.embeddings.word.weight.device
-
-
 @torch.inference_mode()
 def class_probabilities(
     model: Bert,
@@ -75,7 +72,7 @@ def class_probabilities(
             None if pairs is None else pairs[i : i + batch_size],
             max_length=max_length,
         )
-        batch = {k: v.to(_device(model)) for k, v in batch.items()}
+        batch = {k: v.to(model_device(model)) for k, v in batch.items()}
         out.append(model(**batch).logits.float().softmax(-1).cpu())  # (B, num_labels)
     return torch.cat(out) if out else torch.zeros(0, model.config.num_labels)
 
@@ -134,7 +131,7 @@ def tag_words(
         results: list[tuple[list[str], list[float]]] = []
         if nonempty:  # an empty text has no words to tag, and the backend wants at least one
             batch, firsts = encode_words(tokenizer, nonempty, max_length)
-            batch = {k: v.to(_device(model)) for k, v in batch.items()}
+            batch = {k: v.to(model_device(model)) for k, v in batch.items()}
             probs = model(**batch).logits.float().softmax(-1).cpu()  # (B, T, num_labels)
             best_p, best_id = probs.max(-1)  # (B, T)
             for j, first in enumerate(firsts):

@@ -46,7 +46,13 @@ from lmforge.predict import class_probabilities, is_iob2, tag_words
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.precision import PRECISIONS, autocast_context, resolve_precision
-from lmforge.train.trainer import METRICS_FILE, TrainingDiverged, _GracefulStop, resolve_device
+from lmforge.train.trainer import (
+    METRICS_FILE,
+    TrainingDiverged,
+    _GracefulStop,
+    diverged_message,
+    resolve_device,
+)
 
 TASKS = ("classification", "token-classification")
 # the encoder's weights, copied from the base model; everything else is a head
@@ -452,10 +458,5 @@ def finetune(
 
 
 def _diverged_message(what: str, step: int, epoch: int, out_dir: Path) -> str:
-    last = out_dir / "last"
-    where = (
-        f"the last checkpoint {str(last)!r} (end of an earlier epoch) is intact; try a lower lr"
-        if last.exists()
-        else "no checkpoint was written yet; try a lower lr"
-    )
-    return f"fine-tuning stopped at step {step} (epoch {epoch}): {what}; {where}"
+    return diverged_message(what, f"fine-tuning stopped at step {step} (epoch {epoch})", out_dir / "last",
+                            "it is from the end of an earlier epoch; try a lower lr")

@@ -327,14 +327,15 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return state
 
 
+def diverged_message(what: str, at: str, last: Path, hint: str) -> str:
+    """One message for a NaN/inf stop, naming where it happened and what was kept."""
+    where = f"the last good checkpoint {str(last)!r} is intact; {hint}" if last.exists() else "no checkpoint was written yet"
+    return f"{at}: {what}; {where}"
+
+
 def _diverged_message(what: str, it: int, run_dir: Path) -> str:
-    last = run_dir / "last"
-    where = (
-        f"the last good checkpoint {str(last)!r} is intact; resume with --resume, e.g. with a lower train.lr"
-        if last.exists()
-        else "no checkpoint was written yet"
-    )
-    return f"training stopped at iter {it}: {what}; {where}"
+    return diverged_message(what, f"training stopped at iter {it}", run_dir / "last",
+                            "resume with --resume, e.g. with a lower train.lr")
 
 
 def _truncate_metrics(path: Path, up_to_iter: int) -> None:

@@ -43,12 +43,19 @@ TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_siz
         "train.eval_iters=2", "train.precision=fp32", "train.warmup_iters=2", "train.log_interval=1"]
 
 
-def test_prepare_train_generate_eval_convert(workdir):
+@pytest.fixture(scope="module")
+def trained(workdir):
+    """A run trained through the CLI, and what `lmforge train` printed."""
     run = workdir / "run"
     out = lmforge("train", "--data", workdir / "data", "--out", run, "--no-progress",
                   "--set", *TINY, "train.max_iters=30", "train.eval_interval=10")
-    assert "parameters" in out.stdout and "MFLOPs per token" in out.stdout
-    assert "stopped (max_iters) at iter 30" in out.stdout
+    return run, out.stdout
+
+
+def test_prepare_train_generate_eval_convert(workdir, trained):
+    run, stdout = trained
+    assert "parameters" in stdout and "MFLOPs per token" in stdout
+    assert "stopped (max_iters) at iter 30" in stdout
     assert (run / "best" / "model.safetensors").exists() and (run / "loss.png").exists()
 
     gen = lmforge("generate", run, "--prompt", "The quick", "--prompt", "Pack", "--max-new-tokens", "12",
@@ -123,10 +130,8 @@ def test_data_errors_are_one_line(workdir, tmp_path):
                                   "--out", tmp_path / "d", check=False), "sentencepiece", "bpe")
 
 
-def test_checkpoint_errors_are_one_line(workdir, tmp_path):
-    run = workdir / "run"
-    if not run.exists():
-        pytest.skip("needs the run from test_prepare_train_generate_eval_convert")
+def test_checkpoint_errors_are_one_line(trained, tmp_path):
+    run, _ = trained
     import shutil
 
     shutil.copytree(run / "best", tmp_path / "future")
