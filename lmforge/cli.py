@@ -2,7 +2,7 @@
 
     lmforge quickstart                  prepare the built-in corpus, train a small GPT, sample from it
     lmforge prepare --data SRC ...      clean text, train a tokenizer, write token shards
-    lmforge train --data DIR --out RUN  pretrain (or --resume) a model
+    lmforge train --data DIR --out RUN  pretrain (or --resume) a GPT, or a BERT (--preset bert-mini)
     lmforge generate CKPT --prompt ...  sample text
     lmforge eval CKPT --text FILE       loss and perplexity of a file
     lmforge fill-mask CKPT TEXT         top tokens for each [MASK] (BERT)
@@ -46,30 +46,36 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def build_run_configs(
     data: str | None, out: str, preset: str | None, config_file: str | None, overrides: list[str], resume: bool
 ):
-    """Merge, lowest priority first: preset (or the resumed run's config), config file, --set."""
+    """Merge, lowest priority first: preset (or the resumed run's config), config file, --set.
+
+    The model family comes from the preset (`gpt-*` or `bert-*`), else from a resumed run, else
+    from `train.objective` (mlm/mlm_nsp mean a BERT), else it is a GPT (`gpt-tiny`).
+    """
     from lmforge.checkpoint import read_meta
     from lmforge.config import from_dict, load_config_file, parse_overrides
+    from lmforge.models.bert import BERT_PRESETS, BertConfig
     from lmforge.models.gpt import GPT_PRESETS, GPTConfig
     from lmforge.train import DataConfig, TrainConfig
 
+    presets = {**GPT_PRESETS, **BERT_PRESETS}
     sections = {"model": GPTConfig, "train": TrainConfig, "data": DataConfig}
     raw: dict[str, dict] = {name: {} for name in sections}
+    family = None
     if resume:
         last = Path(out) / "last"
         if not (last / "config.json").is_file():
             raise LmforgeError(f"cannot resume: no checkpoint at {str(last)!r} (start without --resume)")
         meta = read_meta(last)
         raw = {name: dict(meta.get(name, {})) for name in sections}
+        family = meta.get("model_type", "gpt")
     file_sections = load_config_file(config_file) if config_file else {}
     preset = preset or file_sections.pop("preset", None)
     if preset is not None:
-        if preset not in GPT_PRESETS:
-            raise LmforgeError(f"unknown preset {preset!r}; choose one of: {', '.join(GPT_PRESETS)}")
+        if preset not in presets:
+            raise LmforgeError(f"unknown preset {preset!r}; choose one of: {', '.join(presets)}")
         if resume:
             raise LmforgeError("--preset cannot change the model of a run being resumed; drop --preset")
-        raw["model"].update(GPT_PRESETS[preset])
-    elif not resume:
-        raw["model"].update(GPT_PRESETS["gpt-tiny"])
+        family = "bert" if preset in BERT_PRESETS else "gpt"
     for name, values in file_sections.items():
         if name not in sections:
             raise LmforgeError(
@@ -78,17 +84,35 @@ def build_run_configs(
             )
         if not isinstance(values, dict):
             raise LmforgeError(f"config file {config_file!r}: [{name}] must be a table of key = value")
+    if family is None:  # no preset: the objective says which family
+        objective = str(file_sections.get("train", {}).get("objective", "auto"))
+        for key, value in (pair.split("=", 1) for pair in overrides if "=" in pair):
+            if key.strip() in ("train.objective", "objective"):
+                objective = value.strip()
+        family = "bert" if objective in ("mlm", "mlm_nsp") else "gpt"
+    if family == "bert":
+        sections["model"] = BertConfig
+    if not resume:
+        raw["model"].update(presets[preset] if preset else
+                            BERT_PRESETS["bert-mini"] if family == "bert" else GPT_PRESETS["gpt-tiny"])
+    for name, values in file_sections.items():
         raw[name].update(values)
     if data is not None:
         raw["data"]["path"] = data
     for name, values in parse_overrides(overrides, sections).items():
         raw[name].update(values)
     data_config = from_dict(DataConfig, raw["data"], "data")
-    if "vocab_size" not in raw["model"]:
+    if "vocab_size" not in raw["model"] or (family == "bert" and "pad_token_id" not in raw["model"]):
         from lmforge.data import TokenData
 
-        raw["model"]["vocab_size"] = TokenData.open(data_config.path).vocab_size
-    model_config = from_dict(GPTConfig, raw["model"], "model")
+        data_dir = TokenData.open(data_config.path)
+        raw["model"].setdefault("vocab_size", data_dir.vocab_size)
+        if family == "bert":
+            raw["model"].setdefault("pad_token_id", data_dir.tokenizer.pad_id)
+    if family == "bert" and "head" not in raw["model"]:
+        # pretraining: an MLM head, with NSP unless the objective is MLM alone
+        raw["model"]["head"] = "mlm" if raw["train"].get("objective") == "mlm" else "pretraining"
+    model_config = from_dict(sections["model"], raw["model"], "model")
     train_config = from_dict(TrainConfig, raw["train"], "train")
     return model_config, train_config, data_config
 
@@ -341,8 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="clean text, train a tokenizer, write token shards")
     p.add_argument("--data", required=True, help="text file, folder, glob, JSONL file, or builtin:pydocs")
-    p.add_argument("--tokenizer", default="bpe", help="bpe (byte-level BPE) or char (default: bpe)")
-    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default: 8192)")
+    p.add_argument("--tokenizer", default="bpe",
+                   help="bpe (byte-level BPE, for GPTs), wordpiece (BERT; keeps sentence and document "
+                        "boundaries for NSP) or char (default: bpe)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="BPE/WordPiece vocabulary size (default: 8192)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of tokens for validation")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("--out", required=True, help="output DATA_DIR")
@@ -352,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="pretrain a model on a prepared DATA_DIR")
     p.add_argument("--data", help="DATA_DIR written by `lmforge prepare`")
     p.add_argument("--out", required=True, help="RUN_DIR for checkpoints, metrics.jsonl and loss.png")
-    p.add_argument("--preset", help="model preset: gpt-tiny (default), gpt-mini, gpt-small, ...")
+    p.add_argument("--preset", help="model preset: gpt-tiny (default), gpt-mini, gpt-small, ..., or "
+                                    "bert-mini, bert-small (MLM + NSP pretraining on wordpiece data)")
     p.add_argument("--config", help="TOML/YAML/JSON file with [model], [train], [data] sections")
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE", action="extend",
                    help="override config values, e.g. --set train.lr=3e-4 model.n_layer=6")

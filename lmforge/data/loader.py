@@ -82,6 +82,12 @@ class TokenData:
                         f"shard {str(file)!r} has {file.stat().st_size} bytes, expected {shard['tokens']} tokens "
                         f"x {itemsize} bytes; the folder is damaged, {hint} again"
                     )
+        for entry in manifest.get("sentences", {}).values():
+            for key in ("sentences_file", "documents_file"):
+                if not (path / entry[key]).is_file():
+                    raise LmforgeError(
+                        f"data folder {str(path)!r} is missing {entry[key]!r}; {hint} again"
+                    )
         return cls(path, manifest)
 
     @functools.cached_property
@@ -108,6 +114,30 @@ class TokenData:
                 if shard["tokens"] > 0  # an empty file cannot be memory-mapped
             ]
         return self._maps[split]
+
+    @property
+    def has_sentences(self) -> bool:
+        """Whether the folder keeps sentence and document boundaries (WordPiece data, for BERT)."""
+        return "sentences" in self.manifest
+
+    def sentence_index(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(sentence starts, document starts) of a split, each with a final end entry: sentence i
+        is tokens [s[i], s[i + 1]) of the split's stream, document j is sentences [d[j], d[j + 1])."""
+        check_choice("split", split, SPLITS)
+        if not self.has_sentences:
+            raise LmforgeError(
+                f"data folder {str(self.path)!r} ({self.manifest.get('tokenizer')} tokenizer) has no "
+                "sentence index; BERT pretraining needs data prepared with --tokenizer wordpiece"
+            )
+        entry = self.manifest["sentences"][split]
+        return (
+            np.load(self.path / entry["sentences_file"], allow_pickle=False),
+            np.load(self.path / entry["documents_file"], allow_pickle=False),
+        )
+
+    def stream(self, split: str) -> _Concatenated:
+        """The split's shards read as one array (`len()` and `.read(start, stop)`)."""
+        return _Concatenated(self.shards(split))
 
     def __repr__(self) -> str:
         tokens = ", ".join(f"{s}={self.tokens(s):,}" for s in SPLITS)

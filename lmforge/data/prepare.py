@@ -6,6 +6,12 @@
       train-00000.bin, ...         token ids, raw little-endian numpy arrays (uint16 or uint32)
       val-00000.bin, ...
 
+For BERT-style pretraining (`--tokenizer wordpiece`) the stream keeps sentence structure: no
+separators are written, and each split gets two index arrays instead, `{split}-sentences.npy`
+(where each sentence starts in the split's stream, plus its end) and `{split}-documents.npy`
+(the index of each document's first sentence, plus the sentence count), which next-sentence
+prediction needs to draw true and random next segments (see `lmforge.data.mlm`).
+
 As in nanoGPT, the documents become one token stream (an end-of-text token after each document,
 or "\\n\\n" between documents for the char tokenizer, which has no special tokens); the first
 (1 - val_fraction) of the stream is the train split and the rest the val split. Shards are plain
@@ -29,16 +35,18 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lmforge.config import check, check_choice
-from lmforge.data.sources import Fingerprint, describe_source, read_documents
+from lmforge.data.sources import Fingerprint, describe_source, read_documents, split_sentences
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_dir
-from lmforge.tokenizer import KINDS, Tokenizer, train_tokenizer
+from lmforge.tokenizer import BERT_SPECIALS, TRAINABLE_KINDS, Tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 SPLITS = ("train", "val")
 DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}  # manifest name -> on-disk dtype
 DEFAULT_BPE_VOCAB = 8192
+SENTENCES_FILE = "{split}-sentences.npy"  # wordpiece data: sentence starts in the split's stream
+DOCUMENTS_FILE = "{split}-documents.npy"  # wordpiece data: each document's first sentence
 DOC_SEPARATOR = "\n\n"  # between documents when the tokenizer has no end-of-text token
 _CHUNK_CHARS = 1 << 20  # the tokenizer sees at most ~1M characters in one string
 _BATCH_CHARS = 1 << 22  # characters per `encode_batch` call (the tokenizer parallelises within it)
@@ -51,10 +59,8 @@ _CHUNK_BOUNDARY = re.compile(r"\n(?=\S)")
 @dataclass
 class PrepareConfig:
     source: str
-    tokenizer: str = "bpe"
-    vocab_size: int | None = (
-        None  # BPE only (default 8192); a char vocabulary is the data's characters
-    )
+    tokenizer: str = "bpe"  # bpe (GPT), wordpiece (BERT) or char
+    vocab_size: int | None = None  # default 8192; a char vocabulary is the data's characters
     val_fraction: float = 0.1
     text_field: str = "text"  # the JSONL field holding the text
     shard_tokens: int = 100_000_000  # tokens per shard file at most
@@ -64,15 +70,21 @@ class PrepareConfig:
             isinstance(self.source, str) and self.source != "",
             "source must name a data source, got an empty value",
         )
-        check_choice("tokenizer", self.tokenizer, KINDS)
+        check_choice("tokenizer", self.tokenizer, TRAINABLE_KINDS)
         if self.tokenizer == "char":
             self.vocab_size = None
         else:
             if self.vocab_size is None:
                 self.vocab_size = DEFAULT_BPE_VOCAB
+            smallest, why = (
+                (257, "256 bytes + end-of-text")
+                if self.tokenizer == "bpe"
+                else (len(BERT_SPECIALS) + 1, "the special tokens + 1")
+            )
             check(
-                257 <= self.vocab_size <= 2**32,
-                f"vocab_size must be between 257 (256 bytes + end-of-text) and 2**32 for bpe, got {self.vocab_size}",
+                smallest <= self.vocab_size <= 2**32,
+                f"vocab_size must be between {smallest} ({why}) and 2**32 for {self.tokenizer}, "
+                f"got {self.vocab_size}",
             )
         check(
             0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}"
@@ -120,6 +132,9 @@ def prepare(config: PrepareConfig, out_dir: str | Path, progress: bool = True) -
     with atomic_dir(out_dir) as tmp:
         # pass 2: tokenize into one stream file, then cut it into train/val shards
         stream = tmp / _STREAM_FILE
+        by_sentence = tokenizer.kind == "wordpiece"
+        sentence_lengths: list[int] = []  # wordpiece: tokens in each sentence
+        document_sizes: list[int] = []  # wordpiece: sentences in each document
         total = _tokenize(
             config,
             tokenizer,
@@ -128,9 +143,16 @@ def prepare(config: PrepareConfig, out_dir: str | Path, progress: bool = True) -
             fingerprint.hexdigest(),
             counts["characters"],
             progress,
+            (sentence_lengths, document_sizes) if by_sentence else None,
         )
         n_val = round(total * config.val_fraction)
         n_train = total - n_val
+        sentences = {}
+        if by_sentence:
+            n_train, sentences = _write_sentence_index(
+                tmp, sentence_lengths, document_sizes, n_train
+            )
+            n_val = total - n_train
         check(
             n_train > 0,
             f"data source {config.source!r} gives no training tokens with val_fraction={config.val_fraction}",
@@ -161,6 +183,7 @@ def prepare(config: PrepareConfig, out_dir: str | Path, progress: bool = True) -
             "characters": counts["characters"],
             "tokens": {"train": n_train, "val": n_val},
             "shards": shards,
+            **({"sentences": sentences} if by_sentence else {}),
             "val_fraction": config.val_fraction,
             "shard_tokens": config.shard_tokens,
             "warnings": warnings,
@@ -222,8 +245,13 @@ def _tokenize(
     expected_sha256: str,
     characters: int,
     progress: bool,
+    structure: tuple[list[int], list[int]] | None = None,
 ) -> int:
-    """Write the whole token stream to `stream`; return its length in tokens."""
+    """Write the whole token stream to `stream`; return its length in tokens.
+
+    With `structure` = (sentence_lengths, document_sizes) the documents are encoded sentence by
+    sentence with no separators, and both lists are filled in.
+    """
     fingerprint, total = Fingerprint(), 0
     documents = read_documents(config.source, config.text_field)
     with (
@@ -239,7 +267,10 @@ def _tokenize(
         for batch in _batches(documents, _BATCH_CHARS):
             for document in batch:
                 fingerprint.update(document)
-            ids = _encode_documents(tokenizer, batch, first=total == 0)
+            if structure is None:
+                ids = _encode_documents(tokenizer, batch, first=total == 0)
+            else:
+                ids = _encode_sentences(tokenizer, batch, *structure)
             np.asarray(ids, dtype=dtype).tofile(f)
             total += len(ids)
             bar.update(sum(map(len, batch)))
@@ -278,6 +309,61 @@ def _encode_documents(tokenizer: Tokenizer, documents: list[str], first: bool) -
         if eos is not None:
             ids.append(eos)
     return ids
+
+
+def _encode_sentences(
+    tokenizer: Tokenizer,
+    documents: list[str],
+    sentence_lengths: list[int],
+    document_sizes: list[int],
+) -> list[int]:
+    """Token ids of `documents`, sentence after sentence; sentences with no tokens are dropped,
+    and so are documents left with no sentence."""
+    split = [split_sentences(document) for document in documents]
+    encoded = iter(tokenizer.encode_batch([s for sentences in split for s in sentences]))
+    ids: list[int] = []
+    for sentences in split:
+        kept = 0
+        for _ in sentences:
+            sentence = next(encoded)
+            if sentence:
+                ids.extend(sentence)
+                sentence_lengths.append(len(sentence))
+                kept += 1
+        if kept:
+            document_sizes.append(kept)
+    return ids
+
+
+def _write_sentence_index(
+    out_dir: Path, sentence_lengths: list[int], document_sizes: list[int], n_train: int
+) -> tuple[int, dict[str, Any]]:
+    """Write `{split}-sentences.npy` and `{split}-documents.npy`; return the train token count
+    (moved to the nearest sentence boundary) and the manifest's `sentences` entry.
+
+    A document cut by the train/val boundary becomes two documents, one in each split.
+    """
+    starts = np.concatenate([[0], np.cumsum(sentence_lengths, dtype=np.int64)])
+    doc_starts = np.concatenate([[0], np.cumsum(document_sizes, dtype=np.int64)])
+    n_sentences = len(sentence_lengths)
+    cut = int(np.abs(starts - n_train).argmin())  # the boundary nearest the token split
+    if cut == n_sentences and n_sentences > 1 and n_train < starts[-1]:
+        cut -= 1  # a val split was asked for: keep at least one sentence in it
+    entry = {}
+    for split, (first, last) in {"train": (0, cut), "val": (cut, n_sentences)}.items():
+        sentence_starts = starts[first : last + 1] - starts[first]
+        docs = doc_starts[(doc_starts > first) & (doc_starts < last)] - first
+        documents = np.concatenate([[0], docs, [last - first]]).astype(np.int64)
+        if last == first:
+            documents = np.zeros(1, dtype=np.int64)
+        files = {
+            "sentences_file": SENTENCES_FILE.format(split=split),
+            "documents_file": DOCUMENTS_FILE.format(split=split),
+        }
+        np.save(out_dir / files["sentences_file"], sentence_starts.astype(np.int64))
+        np.save(out_dir / files["documents_file"], documents)
+        entry[split] = {**files, "sentences": last - first, "documents": len(documents) - 1}
+    return int(starts[cut]), entry
 
 
 def _write_shards(

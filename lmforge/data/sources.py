@@ -79,6 +79,32 @@ def clean_text(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
+# A sentence ends at . ! or ? (optionally closed by a quote or bracket) followed by whitespace and
+# an upper-case letter, digit, quote or bracket: "e.g. this" stays whole, "Done. Next" splits.
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[A-Z0-9\"'(\[])")
+
+
+def split_sentences(document: str) -> list[str]:
+    """Cut a document into sentences for next-sentence prediction, without an NLP library.
+
+    Paragraphs are separated by blank lines. A prose paragraph has its lines joined and is cut at
+    sentence ends (see `_SENTENCE_END`); an indented paragraph (a code or literal block, as in
+    the Python docs) is kept as one unit, since cutting code at full stops makes no sentences.
+    Whitespace-only pieces are dropped.
+    """
+    sentences = []
+    for paragraph in re.split(r"\n\s*\n", document):
+        if not paragraph.strip():
+            continue
+        lines = paragraph.strip("\n").split("\n")
+        if lines[0][:1].isspace():
+            sentences.append(paragraph.strip())
+            continue
+        prose = " ".join(line.strip() for line in lines)
+        sentences.extend(piece.strip() for piece in _SENTENCE_END.split(prose) if piece.strip())
+    return sentences
+
+
 # --- resolving SRC into files ------------------------------------------------------------------
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")

@@ -99,7 +99,8 @@ BERT_PRESETS: dict[str, dict] = {
 class BertOutput:
     hidden_states: torch.Tensor  # (B, T, C) the last layer's output
     pooled: torch.Tensor | None = None  # (B, C) tanh(dense([CLS])), when the model has a pooler
-    mlm_logits: torch.Tensor | None = None  # (B, T, vocab) heads "mlm" and "pretraining"
+    # (B, T, vocab) heads "mlm" and "pretraining"; (N, vocab) for the N `mlm_positions` if given
+    mlm_logits: torch.Tensor | None = None
     nsp_logits: torch.Tensor | None = None  # (B, 2) head "pretraining": 0 = B follows A, 1 = random
     # (B, num_labels) for "classification", (B, T, num_labels) for "token-classification"
     logits: torch.Tensor | None = None
@@ -185,11 +186,23 @@ class Bert(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_token(self, seq_len: int, mlm_fraction: float = 1.0) -> int:
+        """Training FLOPs per token, 6N + 12*L*d*T as for the GPT, where N leaves out the lookup
+        tables and the MLM decoder (the tied word embeddings) counts only on the `mlm_fraction`
+        of positions it scores (pretraining scores the masked ones alone)."""
+        c = self.config
+        tables = sum(t.weight.numel() for t in (self.embeddings.position, self.embeddings.token_type))
+        word = self.embeddings.word.weight.numel()
+        body = self.num_params() - tables - word
+        decoder = word * mlm_fraction if self.mlm is not None else 0
+        return int(6 * (body + decoder) + 12 * c.n_layer * c.n_embd * seq_len)
+
     def forward(
         self,
         input_ids: torch.Tensor,  # (B, T) token ids
         attention_mask: torch.Tensor | None = None,  # (B, T): 1 for tokens, 0 for padding
         token_type_ids: torch.Tensor | None = None,  # (B, T): 0 for segment A, 1 for B
+        mlm_positions: torch.Tensor | None = None,  # (B, T) bool: score only these positions
     ) -> BertOutput:
         T = input_ids.shape[1]
         if T > self.config.max_position:
@@ -213,7 +226,10 @@ class Bert(nn.Module):
         if self.pooler is not None:
             out.pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, C) from [CLS]
         if self.mlm is not None:
-            out.mlm_logits = self.mlm(x, self.embeddings.word.weight)
+            # pretraining scores the ~15% masked positions only: (N, vocab), and saves the rest
+            # of the vocabulary-sized matmul
+            selected = x if mlm_positions is None else x[mlm_positions]
+            out.mlm_logits = self.mlm(selected, self.embeddings.word.weight)
         if self.nsp is not None:
             out.nsp_logits = self.nsp(out.pooled)
         if self.config.head == "classification":

@@ -6,10 +6,15 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lmforge.config import check, check_choice
+from lmforge.train.objectives import OBJECTIVES
 
 
 @dataclass
 class TrainConfig:
+    # auto: clm for a GPT, mlm_nsp for a BERT (mlm when its head is "mlm"); see train.objectives
+    objective: Literal["auto", "clm", "mlm", "mlm_nsp"] = "auto"
+    mlm_weight: float = 1.0  # BERT pretraining loss: mlm_weight * L_MLM + nsp_weight * L_NSP
+    nsp_weight: float = 1.0
     batch_size: int = 12
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     max_iters: int = 2000  # optimizer steps
@@ -33,6 +38,13 @@ class TrainConfig:
     seed: int = 1337
 
     def __post_init__(self) -> None:
+        check_choice("train.objective", self.objective, ("auto", *OBJECTIVES))
+        for name in ("mlm_weight", "nsp_weight"):
+            check(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        check(
+            self.mlm_weight + self.nsp_weight > 0,
+            "train.mlm_weight and train.nsp_weight cannot both be 0",
+        )
         for name in (
             "batch_size",
             "grad_accum_steps",
@@ -79,9 +91,18 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     path: str = ""  # a folder written by `lmforge prepare`
+    # BERT pretraining only (a GPT's windows are model.block_size long)
+    max_length: int = 128  # tokens per example, [CLS] and [SEP] included
+    mlm_probability: float = 0.15  # share of tokens chosen for prediction
+    whole_word_masking: bool = False  # choose whole words: a token with its "##" pieces
 
     def __post_init__(self) -> None:
         check(
             bool(self.path),
             "data.path is empty: pass --data DATA_DIR (a folder made by `lmforge prepare`)",
+        )
+        check(self.max_length >= 5, f"data.max_length must be >= 5, got {self.max_length}")
+        check(
+            0 < self.mlm_probability < 1,
+            f"data.mlm_probability must be in (0, 1), got {self.mlm_probability}",
         )

@@ -331,14 +331,9 @@ def finetune(
     def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
-    # the precision probe passes batches as tuples of tensors
     probe = collate(train_features[: config.batch_size], pad_id)
     precision, timings = resolve_precision(
-        config.precision,
-        model,
-        lambda: tuple(probe.values()),
-        device,
-        loss_fn=lambda m, b: task_loss(m, dict(zip(probe, b, strict=True))),
+        config.precision, model, lambda: probe, device, loss_fn=task_loss
     )
     if timings:
         tqdm.write(f"precision auto: bf16 {timings['bf16_speedup']:.2f}x fp32 -> {precision}")

@@ -13,8 +13,12 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+ACCURACIES = (("mlm_acc", "MLM accuracy"), ("nsp_acc", "NSP accuracy"))
+
+
 def plot_metrics(metrics_path: str | Path, out_png: str | Path) -> Path | None:
-    """Plot training loss (per log interval) and evaluated train/val loss against the step."""
+    """Plot training loss (per log interval) and evaluated train/val loss against the step; for
+    BERT pretraining a second panel shows the evaluated MLM and NSP accuracies."""
     records = read_metrics(metrics_path)
     if not records:
         return None
@@ -23,9 +27,11 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
+    has_acc = any(f"{split}_{key}" in r for r in evals for split in ("train", "val") for key, _ in ACCURACIES)
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(14 if has_acc else 8, 5), squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(
             [r["iter"] for r in train],
@@ -39,9 +45,23 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path) -> Path | None:
         if points:
             ax.plot(*zip(*points), style, ms=3, label=key.replace("_", " ") + " (eval)")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_ylabel("loss" if has_acc else "cross-entropy loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if has_acc:
+        ax = axes[0][1]
+        for key, label in ACCURACIES:
+            for split, style in (("train", "o--"), ("val", "s-")):
+                points = [(r["iter"], r[f"{split}_{key}"]) for r in evals if f"{split}_{key}" in r]
+                if points:
+                    ax.plot(*zip(*points), style, ms=3, label=f"{split} {label}")
+        if any("val_nsp_acc" in r or "train_nsp_acc" in r for r in evals):
+            ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="NSP chance (0.5)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)

@@ -17,12 +17,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 from torch import nn
 
 from lmforge.config import check_choice
-from lmforge.train.objectives import causal_lm_loss
+from lmforge.train.objectives import causal_lm_loss, move_batch
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -53,10 +54,10 @@ def _sync(device: torch.device) -> None:
 def resolve_precision(
     requested: str,
     model: nn.Module,
-    batch_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    batch_fn: Callable[[], Any],  # a batch: a tuple or dict of tensors, as loss_fn takes it
     device: torch.device | str,
     *,
-    loss_fn: Callable[[nn.Module, tuple], torch.Tensor] = _causal_lm_loss,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] = _causal_lm_loss,
     budget_s: float = 2.0,
 ) -> tuple[str, dict[str, float]]:
     """Turn "auto" into "fp32" or "bf16"; returns the choice and the timings it was based on.
@@ -82,7 +83,7 @@ def resolve_precision(
     best = {"fp32": float("inf"), "bf16": float("inf")}
     # forked RNG: batch_fn and dropout draw random numbers that training must not see consumed
     with torch.random.fork_rng(devices=[]):
-        batch = tuple(t.to(device) for t in batch_fn())
+        batch = move_batch(batch_fn(), device)
 
         def step(precision: str) -> float:
             for p in params:

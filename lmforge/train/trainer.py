@@ -1,7 +1,9 @@
-"""The training loop, as one readable function.
+"""The training loop, as one readable function, for every pretraining objective (GPT's causal LM,
+BERT's masked LM with or without next-sentence prediction; see `lmforge.train.objectives`).
 
     for each optimizer step:
-        every eval_interval steps: estimate train/val loss, keep the best checkpoint, save `last`
+        every eval_interval steps: estimate train/val loss (and the objective's metrics), keep the
+            best checkpoint, save `last`
         lr from the schedule (a pure function of the step, so resuming needs no scheduler state)
         grad_accum_steps micro-batches: forward under autocast, loss / accum, backward
         stop on a non-finite loss or gradient, before the optimizer can spread it into the weights
@@ -29,12 +31,13 @@ import torch
 from tqdm.auto import tqdm
 
 from lmforge.checkpoint import load_checkpoint, load_train_state, save_checkpoint
-from lmforge.data import RandomBatches, TokenData
+from lmforge.data import TokenData
 from lmforge.errors import LmforgeError
+from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.train.allocator import tune_cpu_allocator
 from lmforge.train.config import DataConfig, TrainConfig
-from lmforge.train.objectives import causal_lm_loss
+from lmforge.train.objectives import CausalLM, MaskedLM, add_stats, move_batch
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.precision import autocast_context, measure_matmul_peak, resolve_precision
 
@@ -69,8 +72,51 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def resolve_objective(requested: str, model_config: GPTConfig | BertConfig) -> str:
+    """The objective a run trains with: "auto" follows the model; a mismatch is an error."""
+    if isinstance(model_config, GPTConfig):
+        if requested not in ("auto", "clm"):
+            raise LmforgeError(
+                f"train.objective={requested!r} needs a BERT model (e.g. --preset bert-mini); "
+                "a GPT trains with objective clm"
+            )
+        return "clm"
+    head = model_config.head
+    objective = {"auto": "mlm" if head == "mlm" else "mlm_nsp"}.get(requested, requested)
+    needed = {"clm": None, "mlm": ("mlm", "pretraining"), "mlm_nsp": ("pretraining",)}[objective]
+    if needed is None:
+        raise LmforgeError(
+            "train.objective='clm' needs a GPT model (e.g. --preset gpt-tiny); a BERT pretrains with "
+            "mlm or mlm_nsp"
+        )
+    if head not in needed:
+        raise LmforgeError(
+            f"train.objective={objective!r} needs model.head={needed[0]!r}, got {head!r} "
+            "(fine-tune task heads with `lmforge finetune`)"
+        )
+    return objective
+
+
+def make_objective(
+    model_config: GPTConfig | BertConfig, tc: TrainConfig, dc: DataConfig, data: TokenData
+) -> CausalLM | MaskedLM:
+    name = resolve_objective(tc.objective, model_config)
+    if name == "clm":
+        return CausalLM(data, model_config.block_size)
+    if dc.max_length > model_config.max_position:
+        raise LmforgeError(
+            f"data.max_length={dc.max_length} is longer than the model's "
+            f"max_position={model_config.max_position}"
+        )
+    return MaskedLM(
+        data, dc.max_length, nsp=name == "mlm_nsp", mlm_weight=tc.mlm_weight,
+        nsp_weight=tc.nsp_weight, mlm_probability=dc.mlm_probability,
+        whole_word_masking=dc.whole_word_masking,
+    )
+
+
 def train(
-    model_config: GPTConfig | None,
+    model_config: GPTConfig | BertConfig | None,
     train_config: TrainConfig,
     data_config: DataConfig,
     out_dir: str | Path,
@@ -78,7 +124,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Train a GPT on a prepared data folder, writing checkpoints and logs into `out_dir`.
+    """Pretrain a GPT or a BERT on a prepared data folder, writing checkpoints and logs into `out_dir`.
 
     With `resume=True` the model config and all training state come from `out_dir/last`.
     """
@@ -110,17 +156,18 @@ def train(
                 f"{str(run_dir)!r} already holds a run; pass --resume to continue it, or choose another --out"
             )
         torch.manual_seed(tc.seed)
-        model = GPT(model_config).to(device)
+        model = (Bert if isinstance(model_config, BertConfig) else GPT)(model_config).to(device)
     if data.vocab_size > model_config.vocab_size:
         raise LmforgeError(
             f"the data's tokenizer has {data.vocab_size} tokens but model.vocab_size is {model_config.vocab_size}"
         )
+    objective = make_objective(model_config, tc, data_config, data)
     model.train()
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
-    batches = RandomBatches(data, "train", tc.batch_size, model_config.block_size, seed=tc.seed)
+    batches = objective.sampler("train", tc.batch_size, seed=tc.seed)
     has_val = data.tokens("val") > 0
     if has_val:  # fail now, not at the first eval, when val is smaller than the context
-        RandomBatches(data, "val", tc.batch_size, model_config.block_size, seed=tc.seed)
+        objective.sampler("val", tc.batch_size, seed=tc.seed)
 
     meta = {"train": asdict(tc), "data": asdict(data_config), "data_manifest": data.manifest}
     start_iter, best_val, evals_since_best = 0, None, 0
@@ -138,10 +185,10 @@ def train(
         precision = state["precision"]
         _truncate_metrics(run_dir / METRICS_FILE, start_iter)
     else:
-        probe = RandomBatches(
-            data, "train", tc.batch_size, model_config.block_size, seed=tc.seed + 1
+        probe = objective.sampler("train", tc.batch_size, seed=tc.seed + 1)
+        precision, timings = resolve_precision(
+            tc.precision, model, probe.next_batch, device, loss_fn=objective.loss
         )
-        precision, timings = resolve_precision(tc.precision, model, probe.next_batch, device)
         if timings:
             tqdm.write(
                 f"precision auto: measured fp32 {timings['fp32_s'] * 1e3:.1f} ms, bf16 {timings['bf16_s'] * 1e3:.1f} ms "
@@ -150,12 +197,16 @@ def train(
     ctx = autocast_context(device.type, precision)
     train_model = torch.compile(model) if tc.compile else model
 
-    tokens_per_iter = tc.batch_size * tc.grad_accum_steps * model_config.block_size
-    flops_per_token = model.flops_per_token()
+    if isinstance(model, GPT):
+        seq_len, flops_per_token = model_config.block_size, model.flops_per_token()
+    else:  # the MLM decoder scores only the masked positions
+        seq_len = data_config.max_length
+        flops_per_token = model.flops_per_token(seq_len, data_config.mlm_probability)
     tqdm.write(
-        f"model: {model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs per token "
-        f"(6N + 12LdT), context {model_config.block_size}, vocab {model_config.vocab_size}; "
-        f"{tokens_per_iter:,} tokens per step, precision {precision}"
+        f"model: {type(model).__name__}, {model.num_params() / 1e6:.2f}M parameters, "
+        f"{flops_per_token / 1e6:.1f} MFLOPs per token (6N + 12LdT), objective {objective.name}, "
+        f"context {seq_len}, vocab {model_config.vocab_size}; up to "
+        f"{tc.batch_size * tc.grad_accum_steps * seq_len:,} tokens per step, precision {precision}"
     )
     peak = measure_matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -196,7 +247,7 @@ def train(
         desc="train",
     )
     with _GracefulStop() as stop:
-        loss_acc, n_acc = 0.0, 0
+        loss_acc, n_acc, tokens_acc = 0.0, 0, 0
         while True:
             if it >= tc.max_iters:
                 stop_reason = "max_iters"
@@ -208,7 +259,7 @@ def train(
             if (it % tc.eval_interval == 0 or stop_reason) and not (
                 state is not None and it == start_iter
             ):
-                last_eval = estimate_loss(model, data, tc, model_config.block_size, ctx, has_val)
+                last_eval = estimate_loss(model, objective, tc, ctx, has_val)
                 key = "val_loss" if has_val else "train_loss"
                 if not math.isfinite(last_eval[key]):
                     raise TrainingDiverged(
@@ -222,23 +273,15 @@ def train(
                 else:
                     evals_since_best += 1
                 save(it, "last")
-                bar.write(
-                    f"iter {it}: train loss {last_eval['train_loss']:.4f}"
-                    + (
-                        f", val loss {last_eval['val_loss']:.4f} (ppl {last_eval['val_ppl']:.2f})"
-                        if has_val
-                        else ""
-                    )
-                    + (" *best*" if improved else "")
-                )
+                bar.write(f"iter {it}: {_eval_line(last_eval)}" + (" *best*" if improved else ""))
                 if tc.patience and evals_since_best >= tc.patience and not stop_reason:
                     stop_reason = "early_stopping"
                 # evaluation time is not training throughput: restart the log window
-                t_log, loss_acc, n_acc = time.perf_counter(), 0.0, 0
+                t_log, loss_acc, n_acc, tokens_acc = time.perf_counter(), 0.0, 0, 0
             if stop_reason:
                 break
             if it == start_iter:
-                t_log = time.perf_counter()
+                t_log, tokens_acc = time.perf_counter(), 0
 
             lr = lr_at(
                 it,
@@ -252,9 +295,10 @@ def train(
                 group["lr"] = lr
             step_loss = 0.0
             for _ in range(tc.grad_accum_steps):
-                x, y = (t.to(device, non_blocking=True) for t in batches.next_batch())
+                batch = move_batch(batches.next_batch(), device, non_blocking=True)
+                tokens_acc += objective.tokens(batch)
                 with ctx:
-                    loss = causal_lm_loss(train_model, x, y) / tc.grad_accum_steps
+                    loss = objective.loss(train_model, batch) / tc.grad_accum_steps
                 loss.backward()
                 step_loss += loss.item()
             if not math.isfinite(step_loss):
@@ -273,7 +317,7 @@ def train(
 
             if it % tc.log_interval == 0:
                 dt = time.perf_counter() - t_log
-                tok_s = tokens_per_iter * n_acc / dt
+                tok_s = tokens_acc / dt
                 mfu = flops_per_token * tok_s / peak
                 record = {
                     "iter": it,
@@ -287,7 +331,7 @@ def train(
                 bar.set_postfix(
                     loss=f"{record['loss']:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}"
                 )
-                t_log, loss_acc, n_acc = time.perf_counter(), 0.0, 0
+                t_log, loss_acc, n_acc, tokens_acc = time.perf_counter(), 0.0, 0, 0
     bar.close()
     metrics.close()
     _plot(run_dir)
@@ -295,29 +339,50 @@ def train(
 
 
 @torch.no_grad()
-def estimate_loss(model: GPT, data: TokenData, tc: TrainConfig, block_size: int, ctx, has_val: bool) -> dict:
-    """Mean loss over `eval_iters` batches of each split. The batches come from a fixed seed, so
-    every evaluation scores the same windows, and the training RNG is left untouched. Batches
-    run several at a time (equal sizes, so the mean is the same), bounded so the logits stay small."""
+def estimate_loss(
+    model: torch.nn.Module, objective: CausalLM | MaskedLM, tc: TrainConfig, ctx, has_val: bool
+) -> dict[str, float]:
+    """The objective's metrics over `eval_iters` batches of each split. The batches come from a
+    fixed seed, so every evaluation scores the same examples (masks included), and the training
+    RNG is left untouched. Equal-shaped batches (the GPT's) run several per forward pass, bounded
+    so the logits stay small."""
     was_training = model.training
     model.eval()
     out = {}
     device = next(model.parameters()).device
-    per_forward = max(1, min(tc.eval_iters, EVAL_LOGITS_BUDGET // (tc.batch_size * block_size * model.config.vocab_size)))
+    per_forward = 1
+    if isinstance(objective, CausalLM):
+        per_forward = max(1, min(tc.eval_iters, EVAL_LOGITS_BUDGET // (
+            tc.batch_size * objective.block_size * model.config.vocab_size)))
     for split in ("train", "val") if has_val else ("train",):
-        sampler = RandomBatches(data, split, tc.batch_size, block_size, seed=tc.seed + 1000)
-        total, remaining = 0.0, tc.eval_iters
+        sampler = objective.sampler(split, tc.batch_size, seed=tc.seed + 1000)
+        sums: dict[str, float] = {}
+        remaining = tc.eval_iters
         while remaining:
             n = min(per_forward, remaining)
-            x, y = (torch.cat(t).to(device) for t in zip(*(sampler.next_batch() for _ in range(n))))
+            drawn = [sampler.next_batch() for _ in range(n)]
+            batch = drawn[0] if n == 1 else objective.merge(drawn)
             with ctx:
-                total += causal_lm_loss(model, x, y).item() * n
+                add_stats(sums, objective.stats(model, move_batch(batch, device)))
             remaining -= n
-        out[f"{split}_loss"] = total / tc.eval_iters
-    if has_val:
-        out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
+        out.update(objective.summarize(sums, split))
     model.train(was_training)
     return out
+
+
+def _eval_line(metrics: dict[str, float]) -> str:
+    """"train loss 2.1, val loss 2.2 (ppl 9.0), ..." from an evaluation's metrics."""
+    parts = [f"train loss {metrics['train_loss']:.4f}"]
+    if "val_loss" in metrics:
+        parts.append(f"val loss {metrics['val_loss']:.4f}")
+        if "val_ppl" in metrics:
+            parts[-1] += f" (ppl {metrics['val_ppl']:.2f})"
+    split = "val" if "val_loss" in metrics else "train"
+    for key, label in (("mlm_acc", "MLM acc"), ("mlm_ppl", "MLM ppl"), ("nsp_acc", "NSP acc")):
+        if f"{split}_{key}" in metrics:
+            value = metrics[f"{split}_{key}"]
+            parts.append(f"{split} {label} {value:.3f}" if "acc" in key else f"{split} {label} {value:.2f}")
+    return ", ".join(parts)
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:

@@ -68,3 +68,35 @@ def test_finetune_and_predict_cli(tmp_path):
     assert {(e["entity"], e["text"]) for e in row["entities"]} == {("PER", "alice"), ("LOC", "rome")}
     assert_one_line_error(lmforge("finetune", "--base", tmp_path / "base", "--train", tmp_path / "nope.tsv",
                                   "--dev", tmp_path / "dev.tsv", "--out", tmp_path / "x", check=False), "nope.tsv")
+
+
+def test_bert_pretraining_cli(tmp_path):
+    """prepare --tokenizer wordpiece, train --preset bert-mini (MLM + NSP), then fill-mask and a
+    fine-tuning run on top of the pretrained encoder, as a user runs them."""
+    from tests.data.test_mlm import corpus
+
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus() * 3))
+    out = lmforge("prepare", "--data", tmp_path / "docs.jsonl", "--tokenizer", "wordpiece", "--vocab-size", "150",
+                  "--out", tmp_path / "data", "--no-progress")
+    assert "wordpiece tokenizer" in out.stdout
+    tiny = ["n_layer=1", "n_embd=32", "n_head=2", "max_position=64", "data.max_length=48", "max_iters=4",
+            "eval_interval=2", "eval_iters=1", "batch_size=4", "precision=fp32"]
+    out = lmforge("train", "--data", tmp_path / "data", "--out", tmp_path / "run", "--preset", "bert-mini",
+                  "--no-progress", "--set", *tiny)
+    assert "objective mlm_nsp" in out.stderr + out.stdout and "val NSP acc" in out.stderr + out.stdout
+    config = json.loads((tmp_path / "run" / "last" / "config.json").read_text())
+    assert config["model_type"] == "bert" and config["model"]["head"] == "pretraining"
+    # MLM alone, chosen by the objective with no preset
+    lmforge("train", "--data", tmp_path / "data", "--out", tmp_path / "mlm", "--no-progress",
+            "--set", "objective=mlm", "whole_word_masking=true", *tiny)
+    assert json.loads((tmp_path / "mlm" / "last" / "config.json").read_text())["model"]["head"] == "mlm"
+    # resume continues the run
+    lmforge("train", "--out", tmp_path / "run", "--resume", "--no-progress", "--set", "max_iters=6")
+    assert json.loads((tmp_path / "run" / "last" / "config.json").read_text())["iter"] == 6
+    masks = json.loads(lmforge("fill-mask", tmp_path / "run", "the apple note [MASK] is here.", "--json").stdout)
+    assert len(masks[0]["masks"][0]) == 5
+    assert_one_line_error(
+        lmforge("train", "--data", tmp_path / "data", "--out", tmp_path / "bad", "--preset", "gpt-tiny",
+                "--set", "objective=mlm", check=False),
+        "objective='mlm' needs a BERT model",
+    )

@@ -143,9 +143,10 @@ def test_prepare_config_validation():
     assert config.vocab_size == 512 and config.val_fraction == 0.05
     for kwargs, message in [
         (
-            {"tokenizer": "wordpiece"},
-            "tokenizer='wordpiece' is not valid; choose one of 'bpe', 'char'",
+            {"tokenizer": "sentencepiece"},
+            "tokenizer='sentencepiece' is not valid; choose one of 'bpe', 'char', 'wordpiece'",
         ),
+        ({"tokenizer": "wordpiece", "vocab_size": 5}, r"between 6 \(the special tokens \+ 1\)"),
         ({"vocab_size": 100}, "vocab_size must be between 257"),
         ({"val_fraction": 1.0}, r"val_fraction must be in \[0, 1\)"),
         ({"shard_tokens": 0}, "shard_tokens must be >= 1"),

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import lmforge.train.objectives as objectives_module
 import lmforge.train.trainer as trainer_module
 from lmforge.checkpoint import load_checkpoint, load_train_state
 from lmforge.data import PrepareConfig, prepare
@@ -86,7 +87,7 @@ def test_resume_errors(tmp_path, small_data):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, small_data, monkeypatch):
     calls = {"n": 0}
-    real_loss = trainer_module.causal_lm_loss
+    real_loss = objectives_module.causal_lm_loss
 
     def loss_that_explodes(model, x, y):
         loss = real_loss(model, x, y)
@@ -96,7 +97,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, small_data, mon
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(trainer_module, "causal_lm_loss", loss_that_explodes)
+    monkeypatch.setattr(objectives_module, "causal_lm_loss", loss_that_explodes)
     with pytest.raises(TrainingDiverged, match=r"iter 7: loss is nan.*last good checkpoint .* is intact"):
         train(tiny_config(vocab_of(small_data)), fast_train_config(), DataConfig(str(small_data)), tmp_path / "r",
               progress=False)
