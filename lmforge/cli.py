@@ -275,7 +275,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     options = ("task", "text_column", "pair_column", "label_column", "max_length", "epochs", "batch_size", "lr",
                "weight_decay", "warmup_ratio", "grad_clip", "patience", "precision", "seed", "eval_batch_size",
                "device")
-    config = FinetuneConfig(**{k: getattr(args, k) for k in options if getattr(args, k) is not None})
+    config = FinetuneConfig(**{k: getattr(args, k) for k in options if getattr(args, k) is not None},
+                            group_by_length=not args.no_group_by_length)
     result = finetune(args.base, args.train, args.dev, args.out, config, progress=not args.no_progress)
     print(
         f"stopped ({result.stop_reason}) after {result.epochs} epoch(s), {result.steps} steps, {result.seconds:.0f}s; "
@@ -457,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None, help="default: auto")
     p.add_argument("--seed", type=int, help="default: 1337")
     p.add_argument("--eval-batch-size", type=int, help="default: 64")
+    p.add_argument("--no-group-by-length", action="store_true",
+                   help="plain shuffled batches (default: batches of similar lengths, less padding)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)

@@ -78,6 +78,8 @@ class FinetuneConfig:
     seed: int = 1337
     eval_batch_size: int = 64
     device: str = "auto"
+    # batches of similar lengths (HF's group_by_length): less padding, same examples per epoch
+    group_by_length: bool = True
 
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)
@@ -115,7 +117,10 @@ class FinetuneResult:
     best_epoch: int
     labels: list[str]
     history: list[dict[str, Any]] = field(default_factory=list)  # one metrics record per epoch
-    seconds: float = 0.0
+    seconds: float = 0.0  # all of it
+    train_seconds: float = 0.0  # in training steps (batching, forward, backward, optimizer)
+    eval_seconds: float = 0.0  # scoring dev and saving checkpoints
+    precision: str = "fp32"
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -350,19 +355,19 @@ def finetune(
     metrics_file = (out_dir / METRICS_FILE).open("a")
     step, epoch, stop_reason, history = 0, 0, "epochs", []
     best_score, best_epoch, epochs_since_best = -math.inf, 0, 0
-    t_start = time.perf_counter()
+    t_start, train_seconds, eval_seconds = time.perf_counter(), 0.0, 0.0
     bar = tqdm(total=total_steps, disable=not progress, dynamic_ncols=True, desc="finetune")
     try:
         with _GracefulStop() as stop:
             for epoch in range(1, config.epochs + 1):
-                order = torch.randperm(len(train_features), generator=generator).tolist()
+                t_epoch = time.perf_counter()
+                batches = epoch_batches(
+                    [len(f["input_ids"]) for f in train_features], config.batch_size,
+                    generator, config.group_by_length,
+                )
                 loss_sum, n_steps = 0.0, 0
-                for i in range(0, len(order), config.batch_size):
-                    batch = to_device(
-                        collate(
-                            [train_features[j] for j in order[i : i + config.batch_size]], pad_id
-                        )
-                    )
+                for rows in batches:
+                    batch = to_device(collate([train_features[j] for j in rows], pad_id))
                     lr = lr_at(
                         step,
                         schedule="linear",
@@ -399,6 +404,8 @@ def finetune(
                         stop_reason = "interrupted"
                         break
 
+                train_seconds += time.perf_counter() - t_epoch
+                t_eval = time.perf_counter()
                 scores = evaluate(
                     model, tokenizer, config.task, dev, labels, config.eval_batch_size, max_length
                 )
@@ -421,6 +428,7 @@ def finetune(
                 else:
                     epochs_since_best += 1
                 save_checkpoint(out_dir / "last", model, tokenizer, extra=extra)
+                eval_seconds += time.perf_counter() - t_eval
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
                 bar.write(
                     f"epoch {epoch}: train loss {record['train_loss']:.4f}, dev {shown}"
@@ -449,7 +457,31 @@ def finetune(
         labels=labels,
         history=history,
         seconds=time.perf_counter() - t_start,
+        train_seconds=train_seconds,
+        eval_seconds=eval_seconds,
+        precision=precision,
     )
+
+
+def epoch_batches(
+    lengths: list[int], batch_size: int, generator: torch.Generator, group_by_length: bool
+) -> list[list[int]]:
+    """One epoch's batches of example indices, in a random order drawn from `generator`.
+
+    With `group_by_length`, as HF's LengthGroupedSampler: the shuffled examples are cut into
+    "mega-batches" of 50 batches, each sorted by length and cut into batches, so a batch holds
+    examples of similar length and pads little; the batches are then shuffled again. Every
+    example is still seen once per epoch.
+    """
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if group_by_length:
+        mega = 50 * batch_size
+        order = [i for k in range(0, len(order), mega)
+                 for i in sorted(order[k : k + mega], key=lambda i: -lengths[i])]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
 
 
 def _diverged_message(what: str, step: int, epoch: int, out_dir: Path) -> str:

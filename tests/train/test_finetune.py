@@ -283,3 +283,23 @@ def test_config_validation(overrides, fragment):
     with pytest.raises(LmforgeError) as e:
         FinetuneConfig(**overrides)
     assert fragment in str(e.value)
+
+
+def test_epoch_batches_group_by_length():
+    from lmforge.train.finetune import epoch_batches
+
+    lengths = [int(x) for x in torch.randint(2, 60, (1000,), generator=torch.Generator().manual_seed(0))]
+    for grouped in (False, True):
+        batches = epoch_batches(lengths, 8, torch.Generator().manual_seed(1), grouped)
+        assert sorted(i for b in batches for i in b) == list(range(1000))  # each example once
+        assert len(batches) == 125 and all(len(b) == 8 for b in batches)
+        again = epoch_batches(lengths, 8, torch.Generator().manual_seed(1), grouped)
+        assert again == batches
+        padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+        if grouped:
+            assert padded < 1.1 * sum(lengths)  # similar lengths: little padding
+        else:
+            assert padded > 1.3 * sum(lengths)
+    # the order of batches is shuffled, not longest first
+    firsts = [max(lengths[i] for i in b) for b in epoch_batches(lengths, 8, torch.Generator().manual_seed(2), True)]
+    assert firsts != sorted(firsts, reverse=True)
