@@ -275,9 +275,19 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     options = ("task", "text_column", "pair_column", "label_column", "max_length", "epochs", "batch_size", "lr",
                "weight_decay", "warmup_ratio", "grad_clip", "patience", "precision", "seed", "eval_batch_size",
                "device")
-    config = FinetuneConfig(**{k: getattr(args, k) for k in options if getattr(args, k) is not None},
-                            group_by_length=not args.no_group_by_length)
-    result = finetune(args.base, args.train, args.dev, args.out, config, progress=not args.no_progress)
+    given = [f"--{k.replace('_', '-')}" for k in options if getattr(args, k) is not None]
+    if args.resume:
+        if given or args.no_group_by_length:
+            raise LmforgeError(f"--resume continues the run with its own settings; drop {', '.join(given)}")
+        result = finetune(args.base, args.train, args.dev, args.out, None, progress=not args.no_progress,
+                          resume=True)
+    else:
+        missing = [f"--{name}" for name in ("base", "train", "dev") if getattr(args, name) is None]
+        if missing:
+            raise LmforgeError(f"{', '.join(missing)} required (or --resume to continue the run in --out)")
+        config = FinetuneConfig(**{k: getattr(args, k) for k in options if getattr(args, k) is not None},
+                                group_by_length=not args.no_group_by_length)
+        result = finetune(args.base, args.train, args.dev, args.out, config, progress=not args.no_progress)
     print(
         f"stopped ({result.stop_reason}) after {result.epochs} epoch(s), {result.steps} steps, {result.seconds:.0f}s; "
         f"best dev {result.metric} {result.best_score:.4f} at epoch {result.best_epoch}; "
@@ -438,9 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("finetune", help="fine-tune a BERT checkpoint for classification or NER")
-    p.add_argument("--base", required=True, help="lmforge or Hugging Face BERT checkpoint (any head) to start from")
-    p.add_argument("--train", required=True, help="training file: .tsv/.csv/.jsonl (classification) or CoNLL")
-    p.add_argument("--dev", required=True, help="dev file, scored after every epoch (same format)")
+    p.add_argument("--base", help="lmforge or Hugging Face BERT checkpoint (any head) to start from")
+    p.add_argument("--train", help="training file: .tsv/.csv/.jsonl (classification) or CoNLL")
+    p.add_argument("--dev", help="dev file, scored after every epoch (same format)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from last/ (same settings and files)")
     p.add_argument("--out", required=True, help="RUN_DIR for best/, last/ and metrics.jsonl")
     p.add_argument("--task", choices=("classification", "token-classification"), default=None,
                    help="classification (default) or token-classification (CoNLL files, e.g. NER)")

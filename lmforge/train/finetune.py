@@ -30,7 +30,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lmforge.checkpoint import load_checkpoint, save_checkpoint
+from lmforge.checkpoint import (
+    STATE_FILE,
+    load_checkpoint,
+    load_train_state,
+    read_meta,
+    save_checkpoint,
+)
 from lmforge.config import check, check_choice, from_dict
 from lmforge.data.tasks import (
     IGNORE_INDEX,
@@ -50,6 +56,7 @@ from lmforge.train.trainer import (
     METRICS_FILE,
     TrainingDiverged,
     _GracefulStop,
+    _rng_state,
     diverged_message,
     resolve_device,
 )
@@ -298,16 +305,38 @@ def finetune(
     out_dir: str | Path,
     config: FinetuneConfig | None = None,
     progress: bool = True,
+    *,
+    resume: bool = False,
 ) -> FinetuneResult:
     """Fine-tune the BERT checkpoint `base` on `train_file`, scoring `dev_file` after every epoch;
-    writes `out_dir/best`, `out_dir/last` and `out_dir/metrics.jsonl`."""
-    config = config or FinetuneConfig()
+    writes `out_dir/best`, `out_dir/last` and `out_dir/metrics.jsonl`.
+
+    With `resume=True` the run in `out_dir` continues from `last/` (weights, optimizer, RNG, its
+    place in the epoch), with the config and files it was started with wherever these are None:
+    a stopped and resumed run takes the same steps as an uninterrupted one.
+    """
     out_dir = Path(out_dir)
-    for name in ("best", "last"):
-        if (out_dir / name).exists():
+    state = None
+    if resume:
+        if not (out_dir / "last" / STATE_FILE).is_file():
             raise LmforgeError(
-                f"{str(out_dir)!r} already holds a fine-tuning run ({name}/ exists); choose another output folder"
+                f"cannot resume: {str(out_dir / 'last')!r} holds no fine-tuning state (start without --resume)"
             )
+        meta = read_meta(out_dir / "last")
+        config = from_dict(FinetuneConfig, meta["finetune"], "finetune")
+        base, train_file, dev_file = (
+            given if given is not None else meta[key]
+            for given, key in ((base, "base"), (train_file, "train_file"), (dev_file, "dev_file"))
+        )
+        state = load_train_state(out_dir / "last")
+    else:
+        config = config or FinetuneConfig()
+        for name in ("best", "last"):
+            if (out_dir / name).exists():
+                raise LmforgeError(
+                    f"{str(out_dir)!r} already holds a fine-tuning run ({name}/ exists); pass "
+                    "--resume to continue it, or choose another output folder"
+                )
     device = resolve_device(config.device)
     ckpt = load_checkpoint(base)
     if not isinstance(ckpt.model, Bert):
@@ -324,6 +353,9 @@ def finetune(
     torch.manual_seed(config.seed)  # the fresh head's initialisation and dropout
     model, fresh = model_for_task(ckpt.model, config.task, labels)
     del ckpt
+    if state is not None:  # the run's own weights, head included
+        model.load_state_dict(load_checkpoint(out_dir / "last").model.state_dict())
+        fresh = ["nothing (resumed)"]
     model.to(device).train()
     tqdm.write(
         f"fine-tuning {model.num_params() / 1e6:.2f}M parameters for {config.task} with "
@@ -337,9 +369,12 @@ def finetune(
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     probe = collate(train_features[: config.batch_size], pad_id)
-    precision, timings = resolve_precision(
-        config.precision, model, lambda: probe, device, loss_fn=task_loss
-    )
+    if state is not None:
+        precision, timings = state["precision"], {}
+    else:
+        precision, timings = resolve_precision(
+            config.precision, model, lambda: probe, device, loss_fn=task_loss
+        )
     if timings:
         tqdm.write(f"precision auto: bf16 {timings['bf16_speedup']:.2f}x fp32 -> {precision}")
     ctx = autocast_context(device.type, precision)
@@ -349,24 +384,43 @@ def finetune(
     warmup_steps = int(config.warmup_ratio * total_steps)
     generator = torch.Generator().manual_seed(config.seed)  # the shuffling order
     metric = best_metric(config.task, labels)
-    meta = {"finetune": asdict(config), "task": config.task, "base": str(base)}
+    meta = {
+        "finetune": asdict(config), "task": config.task, "base": str(base),
+        "train_file": str(train_file), "dev_file": str(dev_file),
+    }
 
+    step, first_epoch, skip, stop_reason, history = 0, 1, 0, "epochs", []
+    best_score, best_epoch, epochs_since_best = -math.inf, 0, 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        step, best_score, best_epoch, epochs_since_best = (
+            state["step"], state["best_score"], state["best_epoch"], state["epochs_since_best"]
+        )
+        # an epoch cut short is entered again: same shuffle, its finished batches skipped
+        first_epoch = state["epoch"] + (1 if state["epoch_done"] else 0)
+        generator.set_state(state["generator"] if state["epoch_done"] else state["epoch_generator"])
+        skip = 0 if state["epoch_done"] else state["batches_done"]
+        _truncate_history(out_dir / METRICS_FILE, state["epoch"], state["epoch_done"])
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = (out_dir / METRICS_FILE).open("a")
-    step, epoch, stop_reason, history = 0, 0, "epochs", []
-    best_score, best_epoch, epochs_since_best = -math.inf, 0, 0
+    epoch = first_epoch - 1
     t_start, train_seconds, eval_seconds = time.perf_counter(), 0.0, 0.0
-    bar = tqdm(total=total_steps, disable=not progress, dynamic_ncols=True, desc="finetune")
+    bar = tqdm(total=total_steps, initial=step, disable=not progress, dynamic_ncols=True, desc="finetune")
     try:
         with _GracefulStop() as stop:
-            for epoch in range(1, config.epochs + 1):
+            for epoch in range(first_epoch, config.epochs + 1):
                 t_epoch = time.perf_counter()
+                epoch_generator = generator.get_state()
                 batches = epoch_batches(
                     [len(f["input_ids"]) for f in train_features], config.batch_size,
                     generator, config.group_by_length,
                 )
                 loss_sum, n_steps = 0.0, 0
-                for rows in batches:
+                batches_done, skip = skip, 0
+                for rows in batches[batches_done:]:
                     batch = to_device(collate([train_features[j] for j in rows], pad_id))
                     lr = lr_at(
                         step,
@@ -398,6 +452,7 @@ def finetune(
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     step, loss_sum, n_steps = step + 1, loss_sum + loss.item(), n_steps + 1
+                    batches_done += 1
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
                     if stop.requested:
@@ -421,13 +476,21 @@ def finetune(
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
                 improved = scores[metric] > best_score
+                epoch_done = batches_done == len(batches)
                 extra = {**meta, "dev": scores, "epoch": epoch, "step": step}
                 if improved:
                     best_score, best_epoch, epochs_since_best = scores[metric], epoch, 0
                     save_checkpoint(out_dir / "best", model, tokenizer, extra=extra)
-                else:
+                elif epoch_done:
                     epochs_since_best += 1
-                save_checkpoint(out_dir / "last", model, tokenizer, extra=extra)
+                train_state = {
+                    "step": step, "epoch": epoch, "epoch_done": epoch_done,
+                    "batches_done": batches_done, "epoch_generator": epoch_generator,
+                    "generator": generator.get_state(), "optimizer": optimizer.state_dict(),
+                    "rng": _rng_state(device), "best_score": best_score, "best_epoch": best_epoch,
+                    "epochs_since_best": epochs_since_best, "precision": precision,
+                }
+                save_checkpoint(out_dir / "last", model, tokenizer, extra=extra, train_state=train_state)
                 eval_seconds += time.perf_counter() - t_eval
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
                 bar.write(
@@ -461,6 +524,16 @@ def finetune(
         eval_seconds=eval_seconds,
         precision=precision,
     )
+
+
+def _truncate_history(path: Path, epoch: int, epoch_done: bool) -> None:
+    """Keep the metrics records up to the checkpoint being resumed: a record for an epoch that
+    was cut short is dropped, since the resumed run writes that epoch's record when it ends."""
+    if not path.exists():
+        return
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in records if r["epoch"] < epoch or (r["epoch"] == epoch and epoch_done)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def epoch_batches(

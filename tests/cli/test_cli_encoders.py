@@ -68,6 +68,12 @@ def test_finetune_and_predict_cli(tmp_path):
     assert {(e["entity"], e["text"]) for e in row["entities"]} == {("PER", "alice"), ("LOC", "rome")}
     assert_one_line_error(lmforge("finetune", "--base", tmp_path / "base", "--train", tmp_path / "nope.tsv",
                                   "--dev", tmp_path / "dev.tsv", "--out", tmp_path / "x", check=False), "nope.tsv")
+    # --resume of a finished run does nothing more; settings cannot change on resume
+    out = lmforge("finetune", "--out", tmp_path / "cls", "--resume", "--no-progress").stdout
+    assert "stopped (epochs) after 6 epoch(s), 48 steps" in out, out
+    assert_one_line_error(lmforge("finetune", "--out", tmp_path / "cls", "--resume", "--epochs", "9", check=False),
+                          "drop --epochs")
+    assert_one_line_error(lmforge("finetune", "--out", tmp_path / "y", check=False), "--base, --train, --dev required")
 
 
 def test_bert_pretraining_cli(tmp_path):

@@ -303,3 +303,45 @@ def test_epoch_batches_group_by_length():
     # the order of batches is shuffled, not longest first
     firsts = [max(lengths[i] for i in b) for b in epoch_batches(lengths, 8, torch.Generator().manual_seed(2), True)]
     assert firsts != sorted(firsts, reverse=True)
+
+
+class _StopAfter:
+    """Stands in for the Ctrl-C handler: asks the loop to stop once it has checked `n` times
+    (once per training step)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    @property
+    def requested(self) -> bool:
+        self.n -= 1
+        return self.n < 0
+
+
+@pytest.mark.parametrize("stop_after", [3, 7])  # mid-epoch, and at the end of epoch 1 (8 steps)
+def test_interrupted_run_resumes_exactly(files, tmp_path, monkeypatch, stop_after):
+    import lmforge.train.finetune as finetune_module
+
+    config = fast(epochs=3)
+    straight = finetune(files["base"], files["train_tsv"], files["dev_tsv"], tmp_path / "a", config,
+                        progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(finetune_module, "_GracefulStop", lambda: _StopAfter(stop_after))
+        stopped = finetune(files["base"], files["train_tsv"], files["dev_tsv"], tmp_path / "b", config,
+                           progress=False)
+    assert stopped.stop_reason == "interrupted" and stopped.steps == stop_after + 1
+    resumed = finetune(None, None, None, tmp_path / "b", progress=False, resume=True)
+    assert resumed.steps == straight.steps == 24 and resumed.best_score == straight.best_score
+    wa = load_checkpoint(tmp_path / "a" / "last").model.state_dict()
+    wb = load_checkpoint(tmp_path / "b" / "last").model.state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+    with pytest.raises(LmforgeError, match="holds no fine-tuning state"):
+        finetune(None, None, None, tmp_path / "nothing", progress=False, resume=True)
