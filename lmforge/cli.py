@@ -137,11 +137,15 @@ def cmd_train(args: argparse.Namespace) -> None:
 def generation_config_from_args(args: argparse.Namespace, max_new_tokens: int):
     from lmforge.generate import GenerationConfig
 
+    early_stopping = {"true": True, "false": False, "never": "never"}[args.early_stopping]
     return GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size, stop=args.stop or [],
-        num_return_sequences=args.num_return_sequences, seed=args.seed,
+        # beam search is a search, not sampling: --num-beams N > 1 implies --greedy
+        max_new_tokens=max_new_tokens, do_sample=not args.greedy and args.num_beams == 1,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+        min_new_tokens=args.min_new_tokens, stop=args.stop or [],
+        num_return_sequences=args.num_return_sequences, seed=args.seed, num_beams=args.num_beams,
+        length_penalty=args.length_penalty, early_stopping=early_stopping,
     )
 
 
@@ -161,7 +165,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         longest = max(len(ids) for ids in ckpt.tokenizer.encode_batch(prompts))
         max_new_tokens = max(1, min(100, ckpt.model.config.block_size - longest))
     config = generation_config_from_args(args, max_new_tokens)
-    stream = not args.json and not args.no_stream and len(prompts) * config.num_return_sequences == 1
+    # one sequence streams as it is generated; beam search has no final text until it ends
+    stream = (
+        not args.json and not args.no_stream and config.num_beams == 1
+        and len(prompts) * config.num_return_sequences == 1
+    )
     printed_prompt = False
 
     def on_text(index: int, piece: str) -> None:
@@ -182,8 +190,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print("" if printed_prompt else results[0].prompt + results[0].text)
     else:
         per_prompt = config.num_return_sequences
+        kind = "beam" if config.num_beams > 1 else "sample"  # beams come best first
         for i, r in enumerate(results):
-            print(f"--- prompt {i // per_prompt + 1}, sample {i % per_prompt + 1} ({r.finish_reason}) ---")
+            print(f"--- prompt {i // per_prompt + 1}, {kind} {i % per_prompt + 1} ({r.finish_reason}) ---")
             print(r.prompt + r.text)
 
 
@@ -412,6 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--min-new-tokens", type=int, default=0, help="forbid end-of-text before N new tokens")
+    p.add_argument("--num-beams", type=int, default=1,
+                   help="beam search with N beams (deterministic; the sampling options do not apply)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam score = log-prob sum / length**X: > 0 favours longer texts, < 0 shorter")
+    p.add_argument("--early-stopping", type=str.lower, choices=["true", "false", "never"], default="false",
+                   help="when beam search stops (Hugging Face's early_stopping; default: false)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--num-return-sequences", type=int, default=1)
     p.add_argument("--seed", type=int, default=None)

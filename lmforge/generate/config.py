@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from lmforge.config import check
@@ -10,7 +11,7 @@ from lmforge.config import check
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 100
-    do_sample: bool = True  # False: greedy (argmax after the penalties; the warpers are unused)
+    do_sample: bool = True  # False: greedy, or beam search with num_beams > 1 (the warpers are unused)
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
@@ -18,11 +19,21 @@ class GenerationConfig:
     # CTRL's penalty (Keskar et al. 2019) on every token already in prompt + continuation
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0  # 0: off
+    min_new_tokens: int = 0  # eos is forbidden until this many tokens are generated
     stop: list[str] = field(default_factory=list)  # stop strings; the text is cut before them
     num_return_sequences: int = 1
     seed: int | None = None  # None: a fresh random seed per call
     eos_token_id: int | None = None  # None: the tokenizer's end-of-text token, if it has one
     use_cache: bool = True  # False recomputes the whole sequence each step (for testing)
+    # beam search (`lmforge.generate.beam`): keeps the num_beams most likely sequences each step
+    num_beams: int = 1  # 1: no beam search (greedy or sampling)
+    # a finished hypothesis scores sum(log-probs) / length ** length_penalty: > 0 favours longer
+    # ones, < 0 shorter ones, 0 scores by the plain sum
+    length_penalty: float = 1.0
+    # when a prompt's search ends: True as soon as it has num_beams finished hypotheses; False when
+    # no running beam can still beat them, judged at the current length; "never" judged at the
+    # best length possible (with length_penalty > 0, max_new_tokens): the exact search
+    early_stopping: bool | str = False
 
     def __post_init__(self) -> None:
         check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -56,3 +67,27 @@ class GenerationConfig:
         )
         if self.eos_token_id is not None:
             check(self.eos_token_id >= 0, f"eos_token_id must be >= 0, got {self.eos_token_id}")
+        check(
+            self.min_new_tokens >= 0,
+            f"min_new_tokens must be >= 0 (0 disables it), got {self.min_new_tokens}",
+        )
+        check(self.num_beams >= 1, f"num_beams must be >= 1 (1: no beam search), got {self.num_beams}")
+        check(
+            math.isfinite(self.length_penalty),
+            f"length_penalty must be a finite number, got {self.length_penalty}",
+        )
+        check(
+            isinstance(self.early_stopping, bool) or self.early_stopping == "never",
+            f"early_stopping must be True, False or 'never', got {self.early_stopping!r}",
+        )
+        if self.num_beams > 1:
+            check(
+                not self.do_sample,
+                f"num_beams={self.num_beams} with do_sample=True (beam sampling) is not supported: "
+                "set do_sample=False for beam search, or num_beams=1 to sample",
+            )
+            check(
+                self.num_return_sequences <= self.num_beams,
+                f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
+                f"({self.num_beams}): beam search returns its best num_beams hypotheses at most",
+            )

@@ -5,6 +5,9 @@ lets every row share the cache's one write position. The padded batch is prefill
 pass, then each step feeds one token per row (`last_only=True`). Positions count real tokens only
 (cumsum of the mask - 1), so a padded prompt sees the same positions as it would alone.
 
+With `num_beams > 1` the same prefill and incremental steps drive beam search
+(`lmforge.generate.beam`), the cache's rows following the beams as they are reordered.
+
 `generate_ids` works on token ids; `generate` wraps it with a tokenizer: text in, text out, stop
 strings, and streaming of the text as it becomes final.
 """
@@ -12,13 +15,15 @@ strings, and streaming of the text as it becomes final.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.generate.beam import Hypothesis, beam_search
 from lmforge.generate.config import GenerationConfig
 from lmforge.generate.sampling import PAD, next_tokens
 
@@ -46,13 +51,30 @@ def generate_ids(
 ) -> list[list[int]]:
     """Continue each prompt; returns the continuations' ids, `num_return_sequences` per prompt in
     prompt order. A row ends at `config.eos_token_id` (not included), after `max_new_tokens`, or
-    when `on_step` (called once per step, see `StepCallback`) returns its index."""
+    when `on_step` (called once per step, see `StepCallback`) returns its index.
+
+    With `num_beams > 1`, the best hypotheses of a beam search, best first; `on_step` does not
+    apply, since beams are reordered every step and no row keeps an identity."""
+    if config.num_beams > 1:
+        if on_step is not None:
+            raise LmforgeError(
+                "on_step is not available with beam search (num_beams > 1): beams are reordered "
+                "every step, so a row is not one sequence"
+            )
+        return [h.tokens for h in _beam_decode(model, prompt_ids, config)]
     _check_prompts(model, prompt_ids, config)
+    with _decoding(model):
+        return _decode(model, prompt_ids, config, on_step)
+
+
+@contextmanager
+def _decoding(model: nn.Module) -> Iterator[None]:
+    """Eval mode without autograd; the model's training mode is restored after."""
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            return _decode(model, prompt_ids, config, on_step)
+            yield
     finally:
         model.train(was_training)
 
@@ -95,9 +117,7 @@ def _decode(
     B, L = len(rows), max(map(len, rows))
     total = L + config.max_new_tokens
     # the whole history, left-padded with PAD; the processors read it, the model reads its prefix
-    tokens = torch.full((B, total), PAD, dtype=torch.long, device=device)
-    for r, ids in enumerate(rows):
-        tokens[r, L - len(ids) : L] = torch.tensor(ids, device=device)
+    tokens = _left_padded(rows, total, device)
     padded = any(len(ids) < L for ids in rows)
 
     generator = torch.Generator(device=device)
@@ -111,7 +131,10 @@ def _decode(
     done = [False] * B
     t = L  # tokens so far, padding included
     logits = _next_logits(model, tokens[:, :t], padded, cache)  # (B, V)
-    for _ in range(config.max_new_tokens):
+    eos = config.eos_token_id
+    for i in range(config.max_new_tokens):  # i tokens generated so far
+        if i < config.min_new_tokens and eos is not None and eos < logits.shape[-1]:
+            logits[:, eos] = float("-inf")  # HF's MinNewTokensLengthLogitsProcessor
         # finished rows are still fed (a 0), but sample nothing and their output is frozen
         alive = torch.tensor([not d for d in done], device=device)
         new = torch.zeros(B, dtype=torch.long, device=device)
@@ -133,6 +156,40 @@ def _decode(
             break
         logits = _next_logits(model, tokens[:, :t], padded, cache)
     return out
+
+
+def _beam_decode(
+    model: nn.Module, prompt_ids: list[list[int]], config: GenerationConfig
+) -> list[Hypothesis]:
+    """Beam search over a decoder-only LM: prefill the prompts once, then each step reorders the
+    cache's rows to follow the beams and feeds every beam its newest token."""
+    _check_prompts(model, prompt_ids, config)
+    with _decoding(model):
+        device = next(model.parameters()).device
+        L = max(map(len, prompt_ids))
+        prompts = _left_padded(prompt_ids, L, device)  # (B, L)
+        padded = any(len(ids) < L for ids in prompt_ids)
+        cache = (
+            model.new_kv_cache(len(prompt_ids), L + config.max_new_tokens)
+            if config.use_cache
+            else None
+        )
+
+        def logits_for(rows: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+            if cache is not None:
+                cache.reorder(rows)  # (B, ...) -> (B * num_beams, ...) at the first step
+            return _next_logits(model, history, padded, cache)
+
+        return beam_search(prompts, _next_logits(model, prompts, padded, cache), logits_for, config)
+
+
+def _left_padded(rows: list[list[int]], width: int, device) -> torch.Tensor:
+    """(len(rows), width) ids, PAD-filled, each row left-padded to end at the longest's end."""
+    L = max(map(len, rows))
+    tokens = torch.full((len(rows), width), PAD, dtype=torch.long, device=device)
+    for r, ids in enumerate(rows):
+        tokens[r, L - len(ids) : L] = torch.tensor(ids, device=device)
+    return tokens
 
 
 def _next_logits(model: nn.Module, tokens: torch.Tensor, padded: bool, cache) -> torch.Tensor:
@@ -159,11 +216,13 @@ def generate(
     *,
     on_text: Callable[[int, str], None] | None = None,
 ) -> list[Generation]:
-    """Continue each prompt as text; `num_return_sequences` results per prompt, in prompt order.
+    """Continue each prompt as text; `num_return_sequences` results per prompt, in prompt order
+    (with beam search, each prompt's best hypotheses, best first).
 
     `on_text(index, piece)` streams result `index`'s text as it becomes final: pieces are held
     back while they end in an incomplete UTF-8 character or could begin a stop string, and joined
-    they equal the result's `text`.
+    they equal the result's `text`. Beam search has no final text before the search ends, so its
+    results stream only then.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -183,18 +242,29 @@ def generate(
         for r in range(len(prompts) * n)
     ]
 
-    def on_step(step: list[int | None]) -> list[int]:
-        stopped = []
-        for r, tok in enumerate(step):
-            if tok is None:
-                continue
-            if tok == config.eos_token_id:
-                streams[r].finish("eos")
-            elif streams[r].add(tok):
-                stopped.append(r)
-        return stopped
+    if config.num_beams > 1:
+        # No text is final before the search ends, so results stream only then. Stop strings cut
+        # the chosen hypotheses; they do not end hypotheses during the search.
+        for stream, hyp in zip(streams, _beam_decode(model, prompt_ids, config), strict=True):
+            for tok in hyp.tokens:
+                if stream.add(tok):  # the text now holds a stop string and is cut before it
+                    break
+            else:
+                stream.finish(hyp.finish_reason)
+    else:
 
-    generate_ids(model, prompt_ids, config, on_step=on_step)
+        def on_step(step: list[int | None]) -> list[int]:
+            stopped = []
+            for r, tok in enumerate(step):
+                if tok is None:
+                    continue
+                if tok == config.eos_token_id:
+                    streams[r].finish("eos")
+                elif streams[r].add(tok):
+                    stopped.append(r)
+            return stopped
+
+        generate_ids(model, prompt_ids, config, on_step=on_step)
     results = []
     for r, s in enumerate(streams):
         if s.finish_reason is None:
