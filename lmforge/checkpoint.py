@@ -27,6 +27,7 @@ from lmforge.config import from_dict
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_dir, recover_dir
 from lmforge.models.bert import Bert, BertConfig
+from lmforge.models.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.tokenizer import Tokenizer
 
@@ -34,7 +35,11 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "state.pt"
-MODEL_TYPES = {"gpt": (GPT, GPTConfig), "bert": (Bert, BertConfig)}
+MODEL_TYPES = {
+    "gpt": (GPT, GPTConfig),
+    "bert": (Bert, BertConfig),
+    "encoder-decoder": (EncoderDecoder, EncoderDecoderConfig),
+}
 
 
 @dataclass

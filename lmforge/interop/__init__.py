@@ -1,7 +1,7 @@
 """Conversion between lmforge checkpoints and other formats, one small adapter module per format.
 
 Hugging Face folders are told apart from lmforge checkpoints by their config.json: lmforge writes
-a "format_version", Hugging Face a "model_type" such as "gpt2" or "bert". `convert` reads the direction
+a "format_version", Hugging Face a "model_type" such as "gpt2", "bert" or "t5". `convert` reads the direction
 from SRC; `load_hf_checkpoint` lets `lmforge.checkpoint.load_checkpoint` open HF folders directly.
 """
 
@@ -21,12 +21,16 @@ from lmforge.checkpoint import (
     save_checkpoint,
 )
 from lmforge.errors import LmforgeError
-from lmforge.interop import hf_bert, hf_gpt2
+from lmforge.interop import hf_bert, hf_gpt2, hf_t5
 
 # HF config.json model_type -> adapter reading such folders
-HF_IMPORTERS: dict[str, ModuleType] = {hf_gpt2.MODEL_TYPE: hf_gpt2, hf_bert.MODEL_TYPE: hf_bert}
+HF_IMPORTERS: dict[str, ModuleType] = {
+    hf_gpt2.MODEL_TYPE: hf_gpt2,
+    hf_bert.MODEL_TYPE: hf_bert,
+    hf_t5.MODEL_TYPE: hf_t5,
+}
 # lmforge model_type -> adapter writing it as an HF folder
-HF_EXPORTERS: dict[str, ModuleType] = {"gpt": hf_gpt2, "bert": hf_bert}
+HF_EXPORTERS: dict[str, ModuleType] = {"gpt": hf_gpt2, "bert": hf_bert, "encoder-decoder": hf_t5}
 
 
 def load_hf_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
@@ -93,7 +97,8 @@ def _check_dst(src_dir: Path, dst: Path) -> None:
 def _size(ckpt: Checkpoint) -> str:
     c = ckpt.model.config
     n = sum(p.numel() for p in ckpt.model.parameters())
-    return f"{n / 1e6:.2f}M parameters, {c.n_layer} layers, d={c.n_embd}, vocab {c.vocab_size}"
+    layers = f"{c.n_layer}+{c.n_decoder_layer}" if hasattr(c, "n_decoder_layer") else c.n_layer
+    return f"{n / 1e6:.2f}M parameters, {layers} layers, d={c.n_embd}, vocab {c.vocab_size}"
 
 
 __all__ = ["convert", "load_hf_checkpoint"]

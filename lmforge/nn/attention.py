@@ -1,9 +1,11 @@
-"""Multi-head self-attention (with grouped-query option), its KV cache and its masks.
+"""Multi-head self-attention (with grouped-query option), cross-attention, their caches and masks.
 
 All attention goes through `torch.nn.functional.scaled_dot_product_attention`, which picks a
 fused kernel (flash / memory-efficient / CPU flash) when the inputs allow it. The fast path is
 `is_causal=True` with no explicit mask (training, and prefill without padding); padding and
-cached decoding use a boolean mask built once per forward by `attention_mask_for`.
+cached decoding use a boolean mask built once per forward by `attention_mask_for`. A float
+`attn_mask` is added to the scores instead: T5's relative position bias travels that way, with
+the padding already folded in (`RelativePositionBias`), so attention itself needs no extra input.
 """
 
 from __future__ import annotations
@@ -79,15 +81,21 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused QKV projection (`c_attn`) and output `c_proj`.
 
     With n_kv_head < n_head, groups of query heads share one key/value head (GQA, Ainslie et al.
-    2023); `c_attn` then produces n_head + 2*n_kv_head heads.
+    2023); `c_attn` then produces n_head + 2*n_kv_head heads. `head_dim` defaults to
+    dim // n_head (T5 sets it apart); `scale` multiplies the scores, default 1/sqrt(head_dim)
+    (T5 uses 1.0, having folded the scale into its initialisation).
     """
 
-    def __init__(self, dim: int, n_head: int, n_kv_head: int, bias: bool, dropout: float):
+    def __init__(
+        self, dim: int, n_head: int, n_kv_head: int, bias: bool, dropout: float,
+        head_dim: int | None = None, scale: float | None = None,
+    ):
         super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, dim // n_head
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim or dim // n_head
         self.c_attn = nn.Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
         self.c_proj = nn.Linear(n_head * self.head_dim, dim, bias=bias)
         self.dropout = dropout
+        self.scale = scale
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(
@@ -100,23 +108,74 @@ class SelfAttention(nn.Module):
         kv_cache: KVCache | None = None,
         layer_idx: int = 0,
     ) -> torch.Tensor:
-        B, T, _ = x.shape
         hd = self.head_dim
         q, k, v = self.c_attn(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], dim=2)
-        q = q.view(B, T, self.n_head, hd).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_head, hd).transpose(1, 2)  # (B, H_kv, T, D)
-        v = v.view(B, T, self.n_kv_head, hd).transpose(1, 2)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, H, T, D), (B, H_kv, T, D) x2
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)
+        return self._attend(q, k, v, attn_mask, is_causal)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, T, n*D) -> (B, n, T, D)"""
+        B, T, _ = t.shape
+        return t.view(B, T, -1, self.head_dim).transpose(1, 2)
+
+    def _attend(self, q, k, v, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        """Attention over (B, H, T, D) queries and (B, H_kv, S, D) keys/values, then `c_proj`."""
+        B, _, T, _ = q.shape
         y = _sdpa(q, k, v, attn_mask, self.dropout if self.training else 0.0, is_causal and attn_mask is None,
-                  self.n_kv_head != self.n_head)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * hd)
+                  self.n_kv_head != self.n_head, self.scale)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
 
 
-def _sdpa(q, k, v, attn_mask, dropout_p: float, is_causal: bool, enable_gqa: bool) -> torch.Tensor:
+class CrossAttention(SelfAttention):
+    """Attention from the decoder (queries) to the encoder output (keys/values), Vaswani et al. 2017.
+
+    The parameters are self-attention's: `c_attn` stacks the query, key and value projections,
+    here applied to different inputs: its query rows to the decoder states, its key/value rows to
+    the encoder output. Keys/values depend on the source alone, so a decoder computes them once
+    per source (`project_kv`, kept in a `CrossKV`) and reuses them at every decoding step.
+    """
+
+    def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder output (B, S, C) -> keys and values, each (B, H_kv, S, D)."""
+        n_q = self.n_head * self.head_dim
+        w, b = self.c_attn.weight, self.c_attn.bias
+        k, v = F.linear(memory, w[n_q:], None if b is None else b[n_q:]).chunk(2, dim=2)
+        return self._heads(k), self._heads(v)
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,  # (B, T, C) decoder states
+        kv: tuple[torch.Tensor, torch.Tensor],  # from `project_kv`
+        *,
+        attn_mask: torch.Tensor | None = None,  # (B, 1, 1, S) True for source tokens
+    ) -> torch.Tensor:
+        n_q = self.n_head * self.head_dim
+        w, b = self.c_attn.weight, self.c_attn.bias
+        q = F.linear(x, w[:n_q], None if b is None else b[:n_q])
+        return self._attend(self._heads(q), *kv, attn_mask, is_causal=False)
+
+
+class CrossKV:
+    """Each decoder layer's cross-attention keys/values of one source batch: computed once by
+    the model's `cross_kv`, read at every decoding step."""
+
+    def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.kv = kv  # per decoder layer: (B, H_kv, S, D) keys and values
+
+    def __getitem__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv[layer]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (beam search reorders hypotheses between steps)."""
+        self.kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.kv]
+
+
+def _sdpa(q, k, v, attn_mask, dropout_p: float, is_causal: bool, enable_gqa: bool, scale: float | None = None) -> torch.Tensor:
     """`scaled_dot_product_attention`, in fp32 under CPU autocast.
 
     PyTorch's CPU flash-attention kernel is about 4x slower in bf16 than in fp32 at small head
@@ -127,8 +186,8 @@ def _sdpa(q, k, v, attn_mask, dropout_p: float, is_causal: bool, enable_gqa: boo
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(
                 q.float(), k.float(), v.float(), attn_mask=attn_mask, dropout_p=dropout_p,
-                is_causal=is_causal, enable_gqa=enable_gqa,
+                is_causal=is_causal, enable_gqa=enable_gqa, scale=scale,
             )
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=enable_gqa
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=enable_gqa, scale=scale
     )

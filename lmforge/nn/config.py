@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from lmforge.config import check, check_choice
 
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("learned", "sinusoidal", "rotary", "none")
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu", "geglu")
+GATED_ACTIVATIONS = ("swiglu", "geglu")  # out = c_proj(act(gate) * up), Shazeer 2020
 
 
 @dataclass
@@ -27,7 +28,10 @@ class TransformerConfig:
     norm_eps: float = 1e-5
     position: Literal["learned", "sinusoidal", "rotary", "none"] = "learned"
     rope_theta: float = 10000.0
-    activation: Literal["gelu", "gelu_tanh", "relu", "swiglu"] = "gelu"
+    activation: Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu"] = "gelu"
+
+    # the position schemes a model family implements; a family's config may narrow or widen them
+    position_choices: ClassVar[tuple[str, ...]] = POSITIONS
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "n_embd"):
@@ -38,25 +42,30 @@ class TransformerConfig:
             1 <= self.n_kv_head <= self.n_head and self.n_head % self.n_kv_head == 0,
             f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}",
         )
-        check(
-            self.n_embd % self.n_head == 0,
-            f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}",
-        )
+        self._check_head_size()
         check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         check(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
         check_choice("norm", self.norm, NORMS)
         check_choice("norm_position", self.norm_position, NORM_POSITIONS)
-        check_choice("position", self.position, POSITIONS)
+        check_choice("position", self.position, self.position_choices)
         check_choice("activation", self.activation, ACTIVATIONS)
         if self.position == "rotary":
             check(self.head_dim % 2 == 0, f"rotary positions need an even head size, got {self.head_dim}")
         if self.mlp_hidden is None:
-            if self.activation == "swiglu":
+            if self.activation in GATED_ACTIVATIONS:
                 # keeps the parameter count of a 4x MLP (Shazeer 2020), rounded for fast matmuls
                 self.mlp_hidden = 32 * -(-int(8 * self.n_embd / 3) // 32)
             else:
                 self.mlp_hidden = 4 * self.n_embd
         check(self.mlp_hidden >= 1, f"mlp_hidden must be >= 1, got {self.mlp_hidden}")
+
+    def _check_head_size(self) -> None:
+        """Heads split n_embd evenly. (T5 sets its head size apart: EncoderDecoderConfig overrides
+        this and `head_dim`.)"""
+        check(
+            self.n_embd % self.n_head == 0,
+            f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}",
+        )
 
     @property
     def head_dim(self) -> int:
