@@ -335,6 +335,10 @@ def run_hf(args: argparse.Namespace, data: Data, work: Path) -> tuple[SideResult
     dev_features, firsts = hf_encode(tokenizer, data, data.dev, args.max_length)
     for f in dev_features:
         del f["labels"]
+    # transformers 5's length-grouped sampling also reorders predict(); predictions must come back
+    # in dev order to be scored against the dev labels
+    if getattr(trainer.args, "train_sampling_strategy", None) == "group_by_length":
+        trainer.args.train_sampling_strategy = "random"
     ids = trainer.predict(dev_features).predictions.argmax(-1)  # (N,) or (N, T)
     if data.is_ner:  # "O" for words cut off
         predictions = [

@@ -80,6 +80,11 @@ def _decoding(model: nn.Module) -> Iterator[None]:
 
 
 def _check_prompts(model: nn.Module, prompt_ids: list[list[int]], config: GenerationConfig) -> None:
+    if not hasattr(model, "new_kv_cache") or not hasattr(model.config, "block_size"):
+        raise LmforgeError(
+            f"generation needs a decoder-only model (a GPT); this is a {type(model).__name__}"
+            + (" (encoder models fill masks: use fill-mask)" if type(model).__name__ == "Bert" else "")
+        )
     if not prompt_ids:
         raise LmforgeError("no prompts given: pass at least one prompt")
     vocab_size = model.config.vocab_size

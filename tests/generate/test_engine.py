@@ -294,3 +294,15 @@ def test_config_from_strings():
     config = from_dict(GenerationConfig, {"top_p": "0.9", "stop": "END,###", "seed": "none"})
     assert config.top_p == 0.9 and config.stop == ["END", "###"] and config.seed is None
     assert GenerationConfig(stop="\n").stop == ["\n"]
+
+
+def test_generation_refuses_models_that_do_not_decode():
+    from lmforge.errors import LmforgeError
+    from lmforge.models import EncoderDecoder, EncoderDecoderConfig
+    from tests.models.test_bert import tiny_bert
+
+    small = dict(n_layer=1, n_head=2, n_embd=16, vocab_size=32)
+    for model, fragment in ((tiny_bert(vocab_size=32), "use fill-mask"),
+                            (EncoderDecoder(EncoderDecoderConfig(**small)), "EncoderDecoder")):
+        with pytest.raises(LmforgeError, match=f"decoder-only model.*{fragment}"):
+            generate_ids(model, [[1, 2]], GenerationConfig(max_new_tokens=2))
