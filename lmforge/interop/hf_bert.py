@@ -29,16 +29,19 @@ import torch
 from safetensors.torch import save_file
 
 from lmforge.checkpoint import (
-    FORMAT_VERSION,
     WEIGHTS_FILE,
     Checkpoint,
-    copy_weights,
     weights_state_dict,
 )
 from lmforge.config import from_dict
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_dir
-from lmforge.interop.hf_gpt2 import ACTIVATION_TO_HF, HF_TO_ACTIVATION, read_hf_weights
+from lmforge.interop.hf_gpt2 import (
+    ACTIVATION_TO_HF,
+    HF_TO_ACTIVATION,
+    converted_checkpoint,
+    read_hf_weights,
+)
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.tokenizer import Tokenizer
 
@@ -304,17 +307,8 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoin
     has_pooler = any(k.endswith("pooler.dense.weight") for k in hf)
     if has_pooler != config.pooler:
         config = from_dict(BertConfig, {**asdict(config), "pooler": has_pooler}, section="model")
-    model = Bert(config)
-    copy_weights(model, state_dict_from_hf(hf, config, where), f"weights in {where!r}")
-    model.to(device).eval()
-    # the same sections save_checkpoint writes, so code reading meta["model"] works on both
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "model_type": "bert",
-        "model": asdict(config),
-        "converted_from": {"format": "hf-bert", "path": where},
-    }
-    return Checkpoint(model=model, tokenizer=Tokenizer.load(directory), meta=meta, path=directory)
+    weights = state_dict_from_hf(hf, config, where)
+    return converted_checkpoint(Bert(config), weights, directory, "bert", "hf-bert", device)
 
 
 def save(directory: str | Path, model: Bert, tokenizer: Tokenizer) -> Path:

@@ -224,15 +224,28 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoin
     directory = Path(directory)
     hf_config = json.loads((directory / CONFIG_FILE).read_text())
     config = config_from_hf(hf_config, str(directory))
-    model = GPT(config)
-    copy_weights(model, state_dict_from_hf(read_hf_weights(directory)), f"weights in {str(directory)!r}")
+    weights = state_dict_from_hf(read_hf_weights(directory))
+    return converted_checkpoint(GPT(config), weights, directory, "gpt", "hf-gpt2", device)
+
+
+def converted_checkpoint(
+    model: torch.nn.Module,
+    weights: dict[str, torch.Tensor],
+    directory: Path,
+    model_type: str,
+    source_format: str,
+    device: str | torch.device,
+) -> Checkpoint:
+    """The lmforge Checkpoint of a model read from an HF folder: `weights` (already in lmforge's
+    names) copied in strictly, and the meta sections `save_checkpoint` writes, so code reading
+    `meta["model"]` works on converted and native checkpoints alike."""
+    copy_weights(model, weights, f"weights in {str(directory)!r}")
     model.to(device).eval()
-    # the same sections save_checkpoint writes, so code reading meta["model"] works on both
     meta = {
         "format_version": FORMAT_VERSION,
-        "model_type": "gpt",
-        "model": asdict(config),
-        "converted_from": {"format": "hf-gpt2", "path": str(directory)},
+        "model_type": model_type,
+        "model": asdict(model.config),
+        "converted_from": {"format": source_format, "path": str(directory)},
     }
     return Checkpoint(model=model, tokenizer=Tokenizer.load(directory), meta=meta, path=directory)
 

@@ -32,16 +32,14 @@ import torch
 from safetensors.torch import save_file
 
 from lmforge.checkpoint import (
-    FORMAT_VERSION,
     WEIGHTS_FILE,
     Checkpoint,
-    copy_weights,
     weights_state_dict,
 )
 from lmforge.config import from_dict
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_dir
-from lmforge.interop.hf_gpt2 import read_hf_weights
+from lmforge.interop.hf_gpt2 import converted_checkpoint, read_hf_weights
 from lmforge.models.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
 from lmforge.tokenizer import Tokenizer
 
@@ -264,17 +262,10 @@ def load(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoin
     tied = "lm_head.weight" not in hf or (shared is not None and torch.equal(hf["lm_head.weight"], shared))
     if tied != config.tie_embeddings:
         config = from_dict(EncoderDecoderConfig, {**asdict(config), "tie_embeddings": tied}, section="model")
-    model = EncoderDecoder(config)
-    copy_weights(model, state_dict_from_hf(hf, config, where), f"weights in {where!r}")
-    model.to(device).eval()
-    # the same sections save_checkpoint writes, so code reading meta["model"] works on both
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "model_type": "encoder-decoder",
-        "model": asdict(config),
-        "converted_from": {"format": "hf-t5", "path": where},
-    }
-    return Checkpoint(model=model, tokenizer=Tokenizer.load(directory), meta=meta, path=directory)
+    weights = state_dict_from_hf(hf, config, where)
+    return converted_checkpoint(
+        EncoderDecoder(config), weights, directory, "encoder-decoder", "hf-t5", device
+    )
 
 
 def save(directory: str | Path, model: EncoderDecoder, tokenizer: Tokenizer) -> Path:
