@@ -34,10 +34,10 @@ import torch
 
 from lmforge.config import check
 from lmforge.data.loader import TokenData
+from lmforge.data.tasks import IGNORE_INDEX
 from lmforge.errors import LmforgeError
 from lmforge.tokenizer import SPECIAL_ROLES, Tokenizer
 
-IGNORE_INDEX = -100  # labels that carry no loss
 SHORT_SEQ_PROBABILITY = 0.1  # create_pretraining_data.py's short_seq_prob
 IS_NEXT, IS_RANDOM = 0, 1  # NSP labels, as HF's BertForPreTraining reads them
 

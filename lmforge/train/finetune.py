@@ -50,6 +50,7 @@ from lmforge.eval.metrics import accuracy, entity_scores, macro_f1
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.predict import class_probabilities, is_iob2, tag_words
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.objectives import move_batch
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.precision import PRECISIONS, autocast_context, resolve_precision
 from lmforge.train.trainer import (
@@ -365,9 +366,6 @@ def finetune(
     optimizer = make_optimizer(model, config.lr, config.weight_decay, betas=(0.9, 0.999))
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
 
-    def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
     probe = collate(train_features[: config.batch_size], pad_id)
     if state is not None:
         precision, timings = state["precision"], {}
@@ -421,7 +419,7 @@ def finetune(
                 loss_sum, n_steps = 0.0, 0
                 batches_done, skip = skip, 0
                 for rows in batches[batches_done:]:
-                    batch = to_device(collate([train_features[j] for j in rows], pad_id))
+                    batch = move_batch(collate([train_features[j] for j in rows], pad_id), device, True)
                     lr = lr_at(
                         step,
                         schedule="linear",

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.data.loader import RandomBatches, TokenData
+from lmforge.data.tasks import IGNORE_INDEX  # targets with this value carry no loss
 
-IGNORE_INDEX = -100  # targets with this value carry no loss (padding, prompt tokens)
 OBJECTIVES = ("clm", "mlm", "mlm_nsp")
 MAX_PPL_LOSS = 50.0  # perplexities are reported as exp(min(loss, this)), finite even when diverged
 
