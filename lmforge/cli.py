@@ -30,9 +30,25 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
     config = PrepareConfig(
         source=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-        val_fraction=args.val_fraction, text_field=args.text_field,
+        val_fraction=args.val_fraction, text_field=args.text_field, sentinels=args.sentinels,
+        target=args.target, source_field=args.source_field, target_field=args.target_field,
+        val_source=args.val_data, val_target=args.val_target, max_length=args.max_length,
     )
     manifest = prepare(config, args.out, progress=not args.no_progress)
+    if manifest.get("format") == "parallel":
+        splits, dropped = manifest["splits"], manifest["dropped"]
+        print(
+            f"prepared {splits['train']['pairs']:,} train + {splits['val']['pairs']:,} val sentence pairs "
+            f"({splits['train']['source_tokens']:,} source + {splits['train']['target_tokens']:,} target "
+            f"train tokens; joint bpe vocab {manifest['vocab_size']}) in {args.out}"
+        )
+        lost = {s: d["empty"] + d["too_long"] for s, d in dropped.items()}
+        if any(lost.values()):
+            print(f"dropped pairs (an empty side, or a side over {manifest['max_length']} tokens): "
+                  + ", ".join(f"{s} {n:,}" for s, n in lost.items()))
+        for warning in manifest.get("warnings", []):
+            print(f"warning: {warning}")
+        return
     tokens = manifest["tokens"]
     print(
         f"prepared {manifest['documents']} documents -> {tokens['train']:,} train + {tokens['val']:,} val tokens "
@@ -48,16 +64,20 @@ def build_run_configs(
 ):
     """Merge, lowest priority first: preset (or the resumed run's config), config file, --set.
 
-    The model family comes from the preset (`gpt-*` or `bert-*`), else from a resumed run, else
-    from `train.objective` (mlm/mlm_nsp mean a BERT), else it is a GPT (`gpt-tiny`).
+    The model family comes from the preset (`gpt-*`, `bert-*`, `transformer-*`/`t5-*`), else from
+    a resumed run, else from `train.objective` (mlm/mlm_nsp mean a BERT, seq2seq/span_corruption
+    an encoder-decoder), else from the data (sentence pairs mean an encoder-decoder), else it is
+    a GPT (`gpt-tiny`).
     """
     from lmforge.checkpoint import read_meta
     from lmforge.config import from_dict, load_config_file, parse_overrides
     from lmforge.models.bert import BERT_PRESETS, BertConfig
+    from lmforge.models.encoder_decoder import ENCDEC_PRESETS, EncoderDecoderConfig
     from lmforge.models.gpt import GPT_PRESETS, GPTConfig
     from lmforge.train import DataConfig, TrainConfig
 
-    presets = {**GPT_PRESETS, **BERT_PRESETS}
+    presets = {**GPT_PRESETS, **BERT_PRESETS, **ENCDEC_PRESETS}
+    family_presets = {"gpt": GPT_PRESETS, "bert": BERT_PRESETS, "encoder-decoder": ENCDEC_PRESETS}
     sections = {"model": GPTConfig, "train": TrainConfig, "data": DataConfig}
     raw: dict[str, dict] = {name: {} for name in sections}
     family = None
@@ -75,7 +95,7 @@ def build_run_configs(
             raise LmforgeError(f"unknown preset {preset!r}; choose one of: {', '.join(presets)}")
         if resume:
             raise LmforgeError("--preset cannot change the model of a run being resumed; drop --preset")
-        family = "bert" if preset in BERT_PRESETS else "gpt"
+        family = next(f for f, names in family_presets.items() if preset in names)
     for name, values in file_sections.items():
         if name not in sections:
             raise LmforgeError(
@@ -89,12 +109,18 @@ def build_run_configs(
         for key, value in (pair.split("=", 1) for pair in overrides if "=" in pair):
             if key.strip() in ("train.objective", "objective"):
                 objective = value.strip()
-        family = "bert" if objective in ("mlm", "mlm_nsp") else "gpt"
-    if family == "bert":
-        sections["model"] = BertConfig
+        family = {"mlm": "bert", "mlm_nsp": "bert", "seq2seq": "encoder-decoder",
+                  "span_corruption": "encoder-decoder"}.get(objective)
+        if family is None and data is not None and objective == "auto":
+            from lmforge.data import open_data
+            from lmforge.data.parallel import ParallelData
+
+            family = "encoder-decoder" if isinstance(open_data(data), ParallelData) else None
+        family = family or "gpt"
+    sections["model"] = {"bert": BertConfig, "encoder-decoder": EncoderDecoderConfig}.get(family, GPTConfig)
     if not resume:
-        raw["model"].update(presets[preset] if preset else
-                            BERT_PRESETS["bert-mini"] if family == "bert" else GPT_PRESETS["gpt-tiny"])
+        default = {"gpt": "gpt-tiny", "bert": "bert-mini", "encoder-decoder": "transformer-tiny"}[family]
+        raw["model"].update(presets[preset or default])
     for name, values in file_sections.items():
         raw[name].update(values)
     if data is not None:
@@ -102,13 +128,23 @@ def build_run_configs(
     for name, values in parse_overrides(overrides, sections).items():
         raw[name].update(values)
     data_config = from_dict(DataConfig, raw["data"], "data")
-    if "vocab_size" not in raw["model"] or (family == "bert" and "pad_token_id" not in raw["model"]):
-        from lmforge.data import TokenData
+    if not resume:  # the vocabulary and special tokens come from the data's tokenizer
+        from lmforge.data import open_data
 
-        data_dir = TokenData.open(data_config.path)
+        data_dir = open_data(data_config.path)
         raw["model"].setdefault("vocab_size", data_dir.vocab_size)
+        tokenizer = data_dir.tokenizer
         if family == "bert":
-            raw["model"].setdefault("pad_token_id", data_dir.tokenizer.pad_id)
+            raw["model"].setdefault("pad_token_id", tokenizer.pad_id)
+        if family == "encoder-decoder":
+            if tokenizer.pad_id is None or tokenizer.eos_id is None:
+                raise LmforgeError(
+                    "an encoder-decoder needs a tokenizer with padding and end-of-sequence tokens: "
+                    "prepare parallel data (--target), or a stream with --sentinels N for span corruption"
+                )
+            raw["model"].setdefault("pad_token_id", tokenizer.pad_id)
+            raw["model"].setdefault("decoder_start_token_id", tokenizer.pad_id)  # as T5
+            raw["model"].setdefault("eos_token_id", tokenizer.eos_id)
     if family == "bert" and "head" not in raw["model"]:
         # pretraining: an MLM head, with NSP unless the objective is MLM alone
         raw["model"]["head"] = "mlm" if raw["train"].get("objective") == "mlm" else "pretraining"
@@ -392,6 +428,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BPE/WordPiece vocabulary size (default: 8192)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of tokens for validation")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--sentinels", type=int, default=0,
+                   help="add N T5 sentinel tokens <extra_id_i> (and <pad> </s> <unk>) for span corruption")
+    g = p.add_argument_group("parallel text (sequence to sequence)")
+    g.add_argument("--target", help="target side: a file aligned line by line with --data (gzip ok)")
+    g.add_argument("--source-field", help="--data is a TSV/CSV/JSONL of pairs: the source column")
+    g.add_argument("--target-field", help="... and the target column")
+    g.add_argument("--val-data", help="validation source file (or pairs file); default: the last --val-fraction")
+    g.add_argument("--val-target", help="validation target file aligned with --val-data")
+    g.add_argument("--max-length", type=int, default=256,
+                   help="drop pairs with a side longer than this many tokens (default: 256)")
     p.add_argument("--out", required=True, help="output DATA_DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prepare)

@@ -27,6 +27,10 @@ from lmforge.errors import LmforgeError
 KINDS = ("bpe", "char")  # the kinds `lmforge prepare` offers (causal-LM data)
 TRAINABLE_KINDS = (*KINDS, "wordpiece")  # WordPiece: for BERT-style encoders
 EOS_TOKEN = "<|endoftext|>"  # GPT-2's document separator
+# T5's special tokens, for sequence-to-sequence tokenizers: padding (also the decoder's start
+# token), end of sequence, unknown; then the span-corruption sentinels <extra_id_0>, <extra_id_1>, ...
+SEQ2SEQ_SPECIALS = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+SENTINEL = "<extra_id_{}>"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 VOCAB_FILE = "vocab.txt"  # BERT's WordPiece vocabulary: one token per line, in id order
@@ -311,8 +315,30 @@ def _token_str(value) -> str | None:
     return value
 
 
-def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int | None = None) -> Tokenizer:
-    """Train a tokenizer of `kind` on an iterable of documents."""
+def sentinel_ids(tokenizer: Tokenizer) -> list[int]:
+    """The ids of <extra_id_0>, <extra_id_1>, ... as far as the tokenizer has them (T5 sentinels)."""
+    ids = []
+    while (i := tokenizer.token_to_id(SENTINEL.format(len(ids)))) is not None:
+        ids.append(i)
+    return ids
+
+
+def train_tokenizer(
+    kind: str,
+    texts: Iterable[str],
+    vocab_size: int | None = None,
+    *,
+    seq2seq: bool = False,
+    sentinels: int = 0,
+) -> Tokenizer:
+    """Train a tokenizer of `kind` on an iterable of documents.
+
+    `seq2seq=True` (byte-level BPE only) gives T5's special tokens instead of GPT-2's
+    end-of-text: <pad> (id 0), </s> (1), <unk> (2), then `sentinels` span-corruption sentinels."""
+    if (seq2seq or sentinels) and kind != "bpe":
+        raise LmforgeError(
+            f"sequence-to-sequence special tokens and sentinels need --tokenizer bpe, got {kind!r}"
+        )
     if kind == "char":
         chars = sorted({ch for text in texts for ch in text})
         if not chars:
@@ -323,9 +349,15 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int | None = No
         return Tokenizer(backend, "char")
     if kind == "bpe":
         vocab_size = vocab_size or 8192
-        if vocab_size < 256 + 1:
+        specials = (
+            [*SEQ2SEQ_SPECIALS.values(), *(SENTINEL.format(i) for i in range(sentinels))]
+            if seq2seq or sentinels
+            else [EOS_TOKEN]
+        )
+        if vocab_size < 256 + len(specials):
             raise LmforgeError(
-                f"--vocab-size for byte-level BPE must be >= 257 (256 bytes + {EOS_TOKEN}), got {vocab_size}"
+                f"--vocab-size for byte-level BPE must be >= {256 + len(specials)} (256 bytes + "
+                f"{len(specials)} special tokens), got {vocab_size}"
             )
         backend = _Backend(models.BPE())
         backend.normalizer = normalizers.NFC()
@@ -333,11 +365,13 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int | None = No
         backend.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
-            special_tokens=[EOS_TOKEN],
+            special_tokens=specials,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
         backend.train_from_iterator(texts, trainer=trainer)
+        if seq2seq or sentinels:
+            return Tokenizer(backend, "bpe", **SEQ2SEQ_SPECIALS)
         return Tokenizer(
             backend, "bpe", eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, unk_token=EOS_TOKEN
         )

@@ -59,6 +59,11 @@ class TokenData:
             raise LmforgeError(
                 f"{str(manifest_path)!r} is not an lmforge data manifest (missing {', '.join(missing)}); {hint} again"
             )
+        if manifest.get("format") == "parallel":
+            raise LmforgeError(
+                f"{str(path)!r} holds parallel text (sentence pairs) for sequence-to-sequence models, "
+                "not a token stream; train an encoder-decoder on it (e.g. --preset transformer-tiny)"
+            )
         version = manifest["format_version"]
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise LmforgeError(
@@ -142,6 +147,27 @@ class TokenData:
     def __repr__(self) -> str:
         tokens = ", ".join(f"{s}={self.tokens(s):,}" for s in SPLITS)
         return f"TokenData({str(self.path)!r}, {self.manifest.get('tokenizer')}, vocab_size={self.vocab_size}, {tokens})"
+
+
+def open_data(path: str | Path):
+    """A prepared data folder: a `TokenData` (one token stream) or, for sentence pairs, a
+    `lmforge.data.parallel.ParallelData`."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if isinstance(manifest, dict) and manifest.get("format") == "parallel":
+        from lmforge.data.parallel import ParallelData
+
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise LmforgeError(
+                f"data folder {str(path)!r} has format version {version!r}, but this lmforge reads "
+                f"versions up to {FORMAT_VERSION}; upgrade lmforge or prepare the data again"
+            )
+        return ParallelData.open(path, manifest)
+    return TokenData.open(path)
 
 
 class RandomBatches:

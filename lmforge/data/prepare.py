@@ -64,6 +64,18 @@ class PrepareConfig:
     val_fraction: float = 0.1
     text_field: str = "text"  # the JSONL field holding the text
     shard_tokens: int = 100_000_000  # tokens per shard file at most
+    # T5 span-corruption sentinels <extra_id_0..N-1> (byte-level BPE; with them the tokenizer
+    # gets T5's <pad> </s> <unk> instead of <|endoftext|>)
+    sentinels: int = 0
+    # parallel text (sequence to sequence, see `lmforge.data.parallel`): `source` is the source
+    # side and `target` the aligned target file, or `source` is one TSV/CSV/JSONL file with
+    # `source_field` and `target_field`
+    target: str | None = None
+    source_field: str | None = None
+    target_field: str | None = None
+    val_source: str | None = None  # a separate validation set (else the last val_fraction)
+    val_target: str | None = None
+    max_length: int = 256  # parallel pairs with a side longer than this (in tokens) are dropped
 
     def __post_init__(self) -> None:
         check(
@@ -91,6 +103,30 @@ class PrepareConfig:
         )
         check(self.text_field != "", "text_field must name a JSONL field, got an empty value")
         check(self.shard_tokens >= 1, f"shard_tokens must be >= 1, got {self.shard_tokens}")
+        check(0 <= self.sentinels <= 1000, f"sentinels must be in [0, 1000], got {self.sentinels}")
+        check(self.max_length >= 2, f"max_length must be >= 2 tokens, got {self.max_length}")
+        if self.parallel:
+            check(
+                self.tokenizer == "bpe",
+                f"parallel text is prepared with --tokenizer bpe (one joint vocabulary), got {self.tokenizer!r}",
+            )
+            check(
+                (self.source_field is None) == (self.target_field is None),
+                "give both --source-field and --target-field (the two sides of a pairs file)",
+            )
+            check(
+                (self.val_source is None) == (self.val_target is None) or self.target is None,
+                "give both --val-data and --val-target (the two sides of the validation set)",
+            )
+            if self.target is None:
+                self.val_target = None
+        elif self.sentinels:
+            check(self.tokenizer == "bpe", f"sentinels need --tokenizer bpe, got {self.tokenizer!r}")
+
+    @property
+    def parallel(self) -> bool:
+        """Whether this prepares sentence pairs (sequence to sequence) rather than one stream."""
+        return self.target is not None or self.source_field is not None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -104,7 +140,7 @@ def is_data_dir(path: Path) -> bool:
         manifest = json.loads((path / MANIFEST_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(manifest, dict) and "format_version" in manifest and "shards" in manifest
+    return isinstance(manifest, dict) and "format_version" in manifest and "tokens" in manifest
 
 
 def prepare(config: PrepareConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
@@ -113,6 +149,10 @@ def prepare(config: PrepareConfig, out_dir: str | Path, progress: bool = True) -
     The folder is written whole into `.NAME.tmp` beside `out_dir` and renamed into place, so a
     failed run leaves the previous data folder (if any) untouched.
     """
+    if config.parallel:
+        from lmforge.data.parallel import prepare_parallel
+
+        return prepare_parallel(config, out_dir, progress)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     description = describe_source(config.source)  # resolves SRC: a bad path fails before any work
@@ -126,7 +166,7 @@ def prepare(config: PrepareConfig, out_dir: str | Path, progress: bool = True) -
         disable=not progress,
     )
     texts = _training_texts(documents, fingerprint, counts, config.tokenizer)
-    tokenizer = train_tokenizer(config.tokenizer, texts, config.vocab_size)
+    tokenizer = train_tokenizer(config.tokenizer, texts, config.vocab_size, sentinels=config.sentinels)
     dtype = token_dtype(tokenizer.vocab_size)
 
     with atomic_dir(out_dir) as tmp:

@@ -11,10 +11,12 @@ from lmforge.train.objectives import OBJECTIVES
 
 @dataclass
 class TrainConfig:
-    # auto: clm for a GPT, mlm_nsp for a BERT (mlm when its head is "mlm"); see train.objectives
-    objective: Literal["auto", "clm", "mlm", "mlm_nsp"] = "auto"
+    # auto: clm for a GPT, mlm_nsp for a BERT (mlm when its head is "mlm"), seq2seq for an
+    # encoder-decoder on sentence pairs, span_corruption on a token stream; see train.objectives
+    objective: Literal["auto", "clm", "mlm", "mlm_nsp", "seq2seq", "span_corruption"] = "auto"
     mlm_weight: float = 1.0  # BERT pretraining loss: mlm_weight * L_MLM + nsp_weight * L_NSP
     nsp_weight: float = 1.0
+    label_smoothing: float = 0.0  # encoder-decoders: the original Transformer used 0.1
     batch_size: int = 12
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     max_iters: int = 2000  # optimizer steps
@@ -44,6 +46,10 @@ class TrainConfig:
         check(
             self.mlm_weight + self.nsp_weight > 0,
             "train.mlm_weight and train.nsp_weight cannot both be 0",
+        )
+        check(
+            0 <= self.label_smoothing < 1,
+            f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}",
         )
         for name in (
             "batch_size",
@@ -91,10 +97,14 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     path: str = ""  # a folder written by `lmforge prepare`
-    # BERT pretraining only (a GPT's windows are model.block_size long)
-    max_length: int = 128  # tokens per example, [CLS] and [SEP] included
+    # BERT pretraining: tokens per example, [CLS] and [SEP] included; T5 span corruption: encoder
+    # input tokens per example, sentinels and </s> included (a GPT's windows are model.block_size
+    # long, sentence pairs as long as prepared)
+    max_length: int = 128
     mlm_probability: float = 0.15  # share of tokens chosen for prediction
     whole_word_masking: bool = False  # choose whole words: a token with its "##" pieces
+    noise_density: float = 0.15  # span corruption: share of tokens that are noise
+    mean_noise_span_length: float = 3.0  # span corruption: average noise span, in tokens
 
     def __post_init__(self) -> None:
         check(
@@ -105,4 +115,12 @@ class DataConfig:
         check(
             0 < self.mlm_probability < 1,
             f"data.mlm_probability must be in (0, 1), got {self.mlm_probability}",
+        )
+        check(
+            0 < self.noise_density < 1,
+            f"data.noise_density must be in (0, 1), got {self.noise_density}",
+        )
+        check(
+            self.mean_noise_span_length >= 1,
+            f"data.mean_noise_span_length must be >= 1, got {self.mean_noise_span_length}",
         )

@@ -1,5 +1,6 @@
 """The training loop, as one readable function, for every pretraining objective (GPT's causal LM,
-BERT's masked LM with or without next-sentence prediction; see `lmforge.train.objectives`).
+BERT's masked LM with or without next-sentence prediction, an encoder-decoder's seq2seq or T5 span
+corruption; see `lmforge.train.objectives`).
 
     for each optimizer step:
         every eval_interval steps: estimate train/val loss (and the objective's metrics), keep the
@@ -27,17 +28,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from lmforge.checkpoint import load_checkpoint, load_train_state, save_checkpoint
-from lmforge.data import TokenData
+from lmforge.data import TokenData, open_data
+from lmforge.data.parallel import BucketBatches, ParallelData
 from lmforge.errors import LmforgeError
 from lmforge.models.bert import Bert, BertConfig
+from lmforge.models.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.train.allocator import tune_cpu_allocator
 from lmforge.train.config import DataConfig, TrainConfig
-from lmforge.train.objectives import CausalLM, MaskedLM, add_stats, move_batch
+from lmforge.train.objectives import CausalLM, MaskedLM, Seq2SeqLM, add_stats, move_batch
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.precision import autocast_context, measure_matmul_peak, resolve_precision
 
@@ -72,8 +76,43 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_objective(requested: str, model_config: GPTConfig | BertConfig) -> str:
-    """The objective a run trains with: "auto" follows the model; a mismatch is an error."""
+ModelConfig = GPTConfig | BertConfig | EncoderDecoderConfig
+SEQ2SEQ_OBJECTIVES = ("seq2seq", "span_corruption")
+
+
+def model_class(config: ModelConfig) -> type[torch.nn.Module]:
+    if isinstance(config, EncoderDecoderConfig):
+        return EncoderDecoder
+    return Bert if isinstance(config, BertConfig) else GPT
+
+
+def resolve_objective(requested: str, model_config: ModelConfig, parallel: bool = False) -> str:
+    """The objective a run trains with: "auto" follows the model (and, for an encoder-decoder,
+    the data: sentence pairs or a token stream); a mismatch is an error."""
+    if isinstance(model_config, EncoderDecoderConfig):
+        objective = requested if requested != "auto" else "seq2seq" if parallel else "span_corruption"
+        if objective not in SEQ2SEQ_OBJECTIVES:
+            raise LmforgeError(
+                f"train.objective={requested!r} needs a GPT or BERT; an encoder-decoder trains with "
+                "seq2seq (sentence pairs) or span_corruption (a token stream)"
+            )
+        if (objective == "seq2seq") != parallel:
+            raise LmforgeError(
+                "train.objective=seq2seq needs parallel data (prepare with --target or "
+                "--source-field/--target-field)" if objective == "seq2seq" else
+                "train.objective=span_corruption needs a token stream, but the data holds sentence "
+                "pairs; use objective seq2seq"
+            )
+        return objective
+    if parallel:
+        raise LmforgeError(
+            "the data holds sentence pairs, which train an encoder-decoder (e.g. --preset "
+            "transformer-tiny or t5-tiny), not a GPT or BERT"
+        )
+    if requested in SEQ2SEQ_OBJECTIVES:
+        raise LmforgeError(
+            f"train.objective={requested!r} needs an encoder-decoder model (e.g. --preset t5-tiny)"
+        )
     if isinstance(model_config, GPTConfig):
         if requested not in ("auto", "clm"):
             raise LmforgeError(
@@ -98,9 +137,11 @@ def resolve_objective(requested: str, model_config: GPTConfig | BertConfig) -> s
 
 
 def make_objective(
-    model_config: GPTConfig | BertConfig, tc: TrainConfig, dc: DataConfig, data: TokenData
-) -> CausalLM | MaskedLM:
-    name = resolve_objective(tc.objective, model_config)
+    model_config: ModelConfig, tc: TrainConfig, dc: DataConfig, data: TokenData | ParallelData
+) -> CausalLM | MaskedLM | Seq2SeqLM:
+    name = resolve_objective(tc.objective, model_config, isinstance(data, ParallelData))
+    if name in SEQ2SEQ_OBJECTIVES:
+        return _seq2seq_objective(name, model_config, tc, dc, data)
     if name == "clm":
         return CausalLM(data, model_config.block_size)
     if dc.max_length > model_config.max_position:
@@ -115,21 +156,67 @@ def make_objective(
     )
 
 
+def _seq2seq_objective(
+    name: str, c: EncoderDecoderConfig, tc: TrainConfig, dc: DataConfig, data
+) -> Seq2SeqLM:
+    pad, start = c.pad_token_id, c.decoder_start_token_id
+    eos = c.eos_token_id if c.eos_token_id is not None else data.tokenizer.eos_id
+    if name == "seq2seq":
+        if c.position != "relative":
+            longest = max(int(lengths.max(initial=0)) for split in ("train", "val")
+                          for lengths in data.lengths(split))
+            if longest > c.max_position:
+                raise LmforgeError(
+                    f"the data has sequences of {longest} tokens but model.max_position is "
+                    f"{c.max_position}; raise model.max_position or prepare with a lower --max-length"
+                )
+
+        def factory(split: str, batch_size: int, seed: int) -> BucketBatches:
+            return BucketBatches(data, split, batch_size, seed, pad, start)
+
+        return Seq2SeqLM(name, factory, tc.label_smoothing)
+    from lmforge.data.span_corruption import SpanCorruptionBatches
+    from lmforge.tokenizer import sentinel_ids
+
+    sentinels = sentinel_ids(data.tokenizer)
+    if not sentinels or eos is None:
+        raise LmforgeError(
+            "span corruption needs a tokenizer with sentinel tokens <extra_id_N> and </s>; prepare "
+            "the data with `lmforge prepare --tokenizer bpe --sentinels 100`"
+        )
+    if c.position != "relative" and dc.max_length > c.max_position:
+        raise LmforgeError(
+            f"data.max_length={dc.max_length} is longer than the model's max_position={c.max_position}"
+        )
+
+    def factory(split: str, batch_size: int, seed: int) -> SpanCorruptionBatches:
+        return SpanCorruptionBatches(
+            data, split, batch_size, seed, inputs_length=dc.max_length, sentinels=sentinels,
+            eos_id=eos, pad_id=pad, decoder_start_id=start, noise_density=dc.noise_density,
+            mean_span=dc.mean_noise_span_length,
+        )
+
+    return Seq2SeqLM(name, factory, tc.label_smoothing)
+
+
 def train(
-    model_config: GPTConfig | BertConfig | None,
+    model_config: ModelConfig | None,
     train_config: TrainConfig,
     data_config: DataConfig,
     out_dir: str | Path,
     *,
     resume: bool = False,
     progress: bool = True,
+    init_model: torch.nn.Module | None = None,
 ) -> TrainResult:
-    """Pretrain a GPT or a BERT on a prepared data folder, writing checkpoints and logs into `out_dir`.
+    """Train a GPT, a BERT or an encoder-decoder on a prepared data folder, writing checkpoints
+    and logs into `out_dir`.
 
-    With `resume=True` the model config and all training state come from `out_dir/last`.
+    With `resume=True` the model config and all training state come from `out_dir/last`. A new
+    run starts from random weights, or from `init_model`'s (fine-tuning; its config is the run's).
     """
     tc, run_dir = train_config, Path(out_dir)
-    data = TokenData.open(data_config.path)
+    data = open_data(data_config.path)
     device = resolve_device(tc.device)
     if device.type == "cpu":
         tune_cpu_allocator()
@@ -156,7 +243,10 @@ def train(
                 f"{str(run_dir)!r} already holds a run; pass --resume to continue it, or choose another --out"
             )
         torch.manual_seed(tc.seed)
-        model = (Bert if isinstance(model_config, BertConfig) else GPT)(model_config).to(device)
+        model = model_class(model_config)(model_config)
+        if init_model is not None:
+            model.load_state_dict(init_model.state_dict())
+        model = model.to(device)
     if data.vocab_size > model_config.vocab_size:
         raise LmforgeError(
             f"the data's tokenizer has {data.vocab_size} tokens but model.vocab_size is {model_config.vocab_size}"
@@ -199,6 +289,12 @@ def train(
 
     if isinstance(model, GPT):
         seq_len, flops_per_token = model_config.block_size, model.flops_per_token()
+    elif isinstance(model, EncoderDecoder):
+        if isinstance(data, ParallelData):  # the typical pair: mean of the longer side
+            seq_len = max(1, round(float(np.maximum(*data.lengths("train")).mean())))
+        else:
+            seq_len = data_config.max_length
+        flops_per_token = model.flops_per_token(seq_len)
     else:  # the MLM decoder scores only the masked positions
         seq_len = data_config.max_length
         flops_per_token = model.flops_per_token(seq_len, data_config.mlm_probability)
@@ -378,7 +474,8 @@ def _eval_line(metrics: dict[str, float]) -> str:
         if "val_ppl" in metrics:
             parts[-1] += f" (ppl {metrics['val_ppl']:.2f})"
     split = "val" if "val_loss" in metrics else "train"
-    for key, label in (("mlm_acc", "MLM acc"), ("mlm_ppl", "MLM ppl"), ("nsp_acc", "NSP acc")):
+    for key, label in (("mlm_acc", "MLM acc"), ("mlm_ppl", "MLM ppl"), ("nsp_acc", "NSP acc"),
+                       ("acc", "token acc")):
         if f"{split}_{key}" in metrics:
             value = metrics[f"{split}_{key}"]
             parts.append(f"{split} {label} {value:.3f}" if "acc" in key else f"{split} {label} {value:.2f}")
