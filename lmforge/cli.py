@@ -196,6 +196,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not prompts:
         raise LmforgeError("give at least one --prompt TEXT (or --prompt-file FILE, one prompt a line)")
     ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    if _is_seq2seq(ckpt.model):  # the prompts are sources to translate
+        return _print_translations(ckpt, prompts, args)
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:  # 100, or what still fits in the context after the longest prompt
         longest = max(len(ids) for ids in ckpt.tokenizer.encode_batch(prompts))
@@ -232,6 +234,41 @@ def cmd_generate(args: argparse.Namespace) -> None:
             print(r.prompt + r.text)
 
 
+def _is_seq2seq(model) -> bool:
+    from lmforge.models.encoder_decoder import EncoderDecoder
+
+    return isinstance(model, EncoderDecoder)
+
+
+def _print_translations(ckpt, sources: list[str], args: argparse.Namespace) -> None:
+    from lmforge.generate import translate
+
+    config = generation_config_from_args(args, args.max_new_tokens or 128)
+    results = translate(ckpt.model, ckpt.tokenizer, sources, config, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps([
+            {"source": r.prompt, "text": r.text, "token_ids": r.token_ids, "source_ids": r.prompt_ids,
+             "finish_reason": r.finish_reason} for r in results
+        ], ensure_ascii=False, indent=2))
+    else:  # one output a line, in input order (num_return_sequences lines per source)
+        for r in results:
+            print(r.text.replace("\n", " "))
+
+
+def cmd_translate(args: argparse.Namespace) -> None:
+    from lmforge.checkpoint import load_checkpoint
+    from lmforge.train.trainer import resolve_device
+
+    sources = _texts_from_args(args)
+    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    if not _is_seq2seq(ckpt.model):
+        raise LmforgeError(
+            f"translate needs an encoder-decoder checkpoint (transformer/t5); {args.checkpoint!r} is a "
+            f"{type(ckpt.model).__name__}" + (" (use generate)" if type(ckpt.model).__name__ == "GPT" else "")
+        )
+    _print_translations(ckpt, sources, args)
+
+
 def _read_prompt_file(path: str) -> list[str]:
     p = Path(path)
     if path != "-" and not p.is_file():
@@ -247,6 +284,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from lmforge.train.trainer import resolve_device
 
     ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    if _is_seq2seq(ckpt.model) or args.source or args.reference:
+        return _eval_seq2seq(ckpt, args)
+    if args.text is None:
+        raise LmforgeError("--text FILE is required (the text whose perplexity to measure)")
     result = perplexity_of_file(ckpt.model, ckpt.tokenizer, args.text, args.context, args.batch_size)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -255,6 +296,47 @@ def cmd_eval(args: argparse.Namespace) -> None:
             f"{result['file']}: loss {result['loss']:.4f} nats/token, perplexity {result['perplexity']:.3f} "
             f"({result['predicted_tokens']:,} predicted tokens in {result['windows']} windows of {result['context']})"
         )
+
+
+def _eval_seq2seq(ckpt, args: argparse.Namespace) -> None:
+    from lmforge.eval import evaluate_generation
+
+    if not _is_seq2seq(ckpt.model):
+        raise LmforgeError("--source/--reference score an encoder-decoder's outputs; this is a "
+                           f"{type(ckpt.model).__name__} (use --text FILE for perplexity)")
+    if not args.source or not args.reference:
+        raise LmforgeError("an encoder-decoder is scored with --source FILE --reference FILE "
+                           "(aligned, one sentence a line, gzip ok)")
+    sources, references = _read_lines(args.source), _read_lines(args.reference)
+    config = generation_config_from_args(args, args.max_new_tokens or 128)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    result = evaluate_generation(ckpt.model, ckpt.tokenizer, sources, references, config,
+                                 metrics=metrics, batch_size=args.batch_size)
+    if args.output:
+        Path(args.output).write_text("".join(h + "\n" for h in result["hypotheses"]), encoding="utf-8")
+    del result["hypotheses"]
+    decoding = f"beam {config.num_beams}" if config.num_beams > 1 else "greedy" if not config.do_sample else "sampling"
+    result.update(source=args.source, reference=args.reference, decoding=decoding)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        scores = ", ".join(f"{k} {result[k]:.2f}" for k in ("bleu", "chrf", "rouge1", "rouge2", "rougeL") if k in result)
+        print(f"{args.source}: {scores} ({result['sentences']} sentences, {decoding}, {result['seconds']:.1f}s)")
+
+
+def _read_lines(path: str) -> list[str]:
+    """Lines of a text file (gzip ok), without their line ends; blank lines kept (they align)."""
+    import gzip
+
+    p = Path(path)
+    if not p.is_file():
+        raise LmforgeError(f"file {path!r} does not exist")
+    opener = gzip.open if p.suffix == ".gz" else open
+    try:
+        with opener(p, "rt", encoding="utf-8", newline="\n") as f:
+            return [line.rstrip("\r\n") for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"cannot read {path!r} as UTF-8 text: {e}") from e
 
 
 # ---- encoders: fill-mask, embed ---------------------------------------------------------------
@@ -317,6 +399,11 @@ def torch_cosine(vectors):
 def cmd_finetune(args: argparse.Namespace) -> None:
     from lmforge.train.finetune import FinetuneConfig, finetune
 
+    if args.task == "seq2seq" or (args.resume and args.task is None and (Path(args.out) / "data").is_dir()):
+        return _finetune_seq2seq(args)
+    for name in ("train_target", "dev_target", "source_field", "target_field", "label_smoothing"):
+        if getattr(args, name) is not None:
+            raise LmforgeError(f"--{name.replace('_', '-')} is for --task seq2seq only")
     options = ("task", "text_column", "pair_column", "label_column", "max_length", "epochs", "batch_size", "lr",
                "weight_decay", "warmup_ratio", "grad_clip", "patience", "precision", "seed", "eval_batch_size",
                "device")
@@ -338,6 +425,26 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         f"best dev {result.metric} {result.best_score:.4f} at epoch {result.best_epoch}; "
         f"checkpoints in {result.out_dir}/best and {result.out_dir}/last"
     )
+
+
+def _finetune_seq2seq(args: argparse.Namespace) -> None:
+    from lmforge.train.seq2seq import finetune_seq2seq
+
+    options = ("max_length", "epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "grad_clip",
+               "patience", "precision", "seed", "device", "label_smoothing", "source_field", "target_field",
+               "train_target", "dev_target")
+    given = {k: getattr(args, k) for k in options if getattr(args, k) is not None}
+    if args.resume and given:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in given)
+        raise LmforgeError(f"--resume continues the run with its own settings; drop {flags}")
+    for name in ("text_column", "pair_column", "label_column", "eval_batch_size"):
+        if getattr(args, name) is not None:
+            raise LmforgeError(f"--{name.replace('_', '-')} does not apply to --task seq2seq")
+    result = finetune_seq2seq(args.base, args.train, args.dev, args.out, resume=args.resume,
+                              progress=not args.no_progress, **given)
+    best = f"; best dev loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
+    print(f"stopped ({result.stop_reason}) at step {result.iters} after {result.seconds:.0f}s{best}; "
+          f"checkpoints in {result.run_dir}/best and {result.run_dir}/last")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -409,6 +516,30 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
 
 # ---- parser ----------------------------------------------------------------------------------
+def _add_generation_options(p: argparse.ArgumentParser, greedy_default: bool = False) -> None:
+    g = p.add_argument_group("decoding (Hugging Face generate's names)")
+    if greedy_default:  # translation and scoring: greedy unless asked to sample
+        g.add_argument("--sample", dest="greedy", action="store_false", help="sample instead of greedy")
+    else:
+        g.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    g.add_argument("--min-new-tokens", type=int, default=0, help="forbid end-of-text before N new tokens")
+    g.add_argument("--num-beams", type=int, default=1,
+                   help="beam search with N beams (deterministic; the sampling options do not apply)")
+    g.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam score = log-prob sum / length**X: > 0 favours longer texts, < 0 shorter")
+    g.add_argument("--early-stopping", type=str.lower, choices=["true", "false", "never"], default="false",
+                   help="when beam search stops (Hugging Face's early_stopping; default: false)")
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--num-return-sequences", type=int, default=1)
+    g.add_argument("--seed", type=int, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Train, evaluate and sample Transformer LMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -460,31 +591,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-file", help="file with one prompt a line ('-' for stdin)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens to generate (default: 100, or what fits in the model's context)")
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
-    p.add_argument("--min-new-tokens", type=int, default=0, help="forbid end-of-text before N new tokens")
-    p.add_argument("--num-beams", type=int, default=1,
-                   help="beam search with N beams (deterministic; the sampling options do not apply)")
-    p.add_argument("--length-penalty", type=float, default=1.0,
-                   help="beam score = log-prob sum / length**X: > 0 favours longer texts, < 0 shorter")
-    p.add_argument("--early-stopping", type=str.lower, choices=["true", "false", "never"], default="false",
-                   help="when beam search stops (Hugging Face's early_stopping; default: false)")
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--num-return-sequences", type=int, default=1)
-    p.add_argument("--seed", type=int, default=None)
+    _add_generation_options(p)
     p.add_argument("--json", action="store_true", help="print results (text and token ids) as JSON")
     p.add_argument("--no-stream", action="store_true", help="print when done instead of streaming")
+    p.add_argument("--batch-size", type=int, default=32, help="encoder-decoders: sources per batch")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("eval", help="loss and perplexity of a text file")
+    p = sub.add_parser("translate", help="translate / summarise with an encoder-decoder checkpoint")
+    p.add_argument("checkpoint", help="encoder-decoder checkpoint, run folder, or Hugging Face T5 folder")
+    p.add_argument("--text", action="append", help="source text (repeatable)")
+    p.add_argument("--file", help="file with one source a line ('-' for stdin)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 128")
+    _add_generation_options(p, greedy_default=True)
+    p.add_argument("--batch-size", type=int, default=32, help="sources per batch")
+    p.add_argument("--json", action="store_true", help="print results (text and token ids) as JSON")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.set_defaults(func=cmd_translate)
+
+    p = sub.add_parser("eval", help="perplexity of a text file; BLEU/chrF/ROUGE of an encoder-decoder")
     p.add_argument("checkpoint")
-    p.add_argument("--text", required=True, help="UTF-8 text file")
+    p.add_argument("--text", help="UTF-8 text file (language models: loss and perplexity)")
+    p.add_argument("--source", help="encoder-decoders: source file, one sentence a line (gzip ok)")
+    p.add_argument("--reference", help="encoder-decoders: reference file aligned with --source")
+    p.add_argument("--metrics", default="bleu,chrf,rouge", help="comma-separated: bleu, chrf, rouge")
+    p.add_argument("--output", help="encoder-decoders: write the outputs here, one a line")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="encoder-decoders: default 128")
+    _add_generation_options(p, greedy_default=True)
     p.add_argument("--context", type=int, default=None, help="window length in tokens (default: the model's context)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true")
@@ -516,8 +649,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from last/ (same settings and files)")
     p.add_argument("--out", required=True, help="RUN_DIR for best/, last/ and metrics.jsonl")
-    p.add_argument("--task", choices=("classification", "token-classification"), default=None,
-                   help="classification (default) or token-classification (CoNLL files, e.g. NER)")
+    p.add_argument("--task", choices=("classification", "token-classification", "seq2seq"), default=None,
+                   help="classification (default), token-classification (CoNLL files, e.g. NER) or "
+                        "seq2seq (an encoder-decoder base on sentence pairs)")
+    p.add_argument("--train-target", help="seq2seq: target file aligned with --train (else --train is a "
+                                          "TSV/CSV/JSONL of pairs)")
+    p.add_argument("--dev-target", help="seq2seq: target file aligned with --dev")
+    p.add_argument("--source-field", help="seq2seq pairs files: the source column (default: source)")
+    p.add_argument("--target-field", help="seq2seq pairs files: the target column (default: target)")
+    p.add_argument("--label-smoothing", type=float, help="seq2seq: default 0.1")
     p.add_argument("--text-column", help="text column (default: text, sentence, content, sentence1 or question)")
     p.add_argument("--pair-column", help="second text of a pair (default: text_pair or sentence2, if present)")
     p.add_argument("--label-column", help="label column (default: label)")

@@ -173,9 +173,14 @@ def write_split(
     }
 
 
-def prepare_parallel(config, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+def prepare_parallel(
+    config, out_dir: str | Path, progress: bool = True, tokenizer: Tokenizer | None = None
+) -> dict[str, Any]:
     """`lmforge prepare` for parallel text (`config` is a `PrepareConfig` with `target` or the
-    pair fields set); returns the manifest. Written whole, then renamed into place."""
+    pair fields set); returns the manifest. Written whole, then renamed into place.
+
+    A given `tokenizer` (a pretrained model's, for fine-tuning) is used as it is; else one joint
+    BPE is trained on the training pairs."""
     from lmforge.data.prepare import (
         FORMAT_VERSION,
         MANIFEST_FILE,
@@ -207,12 +212,14 @@ def prepare_parallel(config, out_dir: str | Path, progress: bool = True) -> dict
     for src, tgt in pairs:
         fingerprint.update(src + "\t" + tgt)
 
-    # one joint vocabulary, trained on both sides of the training pairs
-    texts = (text for pair in train_pairs for text in pair)
-    tokenizer = train_tokenizer(
-        "bpe", texts, config.vocab_size, seq2seq=True, sentinels=config.sentinels
-    )
+    if tokenizer is None:  # one joint vocabulary, trained on both sides of the training pairs
+        texts = (text for pair in train_pairs for text in pair)
+        tokenizer = train_tokenizer(
+            "bpe", texts, config.vocab_size, seq2seq=True, sentinels=config.sentinels
+        )
     eos = tokenizer.eos_id
+    if eos is None:
+        raise LmforgeError("the tokenizer has no end-of-sequence token; sequence pairs need one")
     dtype = token_dtype(tokenizer.vocab_size)
     counts, dropped = {}, {}
     with atomic_dir(out_dir) as tmp:

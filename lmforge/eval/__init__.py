@@ -1,5 +1,6 @@
-"""Evaluation: perplexity of a text under a language model."""
+"""Evaluation: perplexity of a text under a language model; BLEU/chrF/ROUGE of generated text."""
 
 from lmforge.eval.perplexity import perplexity, perplexity_of_file
+from lmforge.eval.seq2seq import corpus_scores, evaluate_generation
 
-__all__ = ["perplexity", "perplexity_of_file"]
+__all__ = ["corpus_scores", "evaluate_generation", "perplexity", "perplexity_of_file"]

@@ -43,7 +43,9 @@ def generate_seq2seq_ids(
     eos is `config.eos_token_id`, else the model's. Sources longer than `max_source_length` (or
     than the model's positions, unless they are relative) are refused, never truncated."""
     if config.num_beams > 1:
-        hyps = generate_seq2seq_hypotheses(model, source_ids, config, max_source_length=max_source_length)
+        hyps = generate_seq2seq_hypotheses(
+            model, source_ids, config, max_source_length=max_source_length
+        )
         return [h.tokens for h in hyps]
     config = _checked(model, source_ids, config, max_source_length)
     with _decoding(model):
@@ -75,12 +77,19 @@ def _check_model(model) -> None:
         raise LmforgeError(
             f"sequence-to-sequence decoding needs an encoder-decoder model (EncoderDecoder); this is "
             f"a {type(model).__name__}"
-            + (" (decoder-only models continue text: use generate)" if hasattr(model, "new_kv_cache") else "")
+            + (
+                " (decoder-only models continue text: use generate)"
+                if hasattr(model, "new_kv_cache")
+                else ""
+            )
         )
 
 
 def _checked(
-    model: EncoderDecoder, source_ids: list[list[int]], config: GenerationConfig, max_source_length: int | None
+    model: EncoderDecoder,
+    source_ids: list[list[int]],
+    config: GenerationConfig,
+    max_source_length: int | None,
 ) -> GenerationConfig:
     """Refuse what the model cannot decode, naming the problem and the valid range; returns the
     config with the model's eos filled in when the config has none."""
@@ -89,7 +98,9 @@ def _checked(
     if not source_ids:
         raise LmforgeError("no sources given: pass at least one source")
     if max_source_length is not None and max_source_length < 1:
-        raise LmforgeError(f"max_source_length must be >= 1 (or None for no limit), got {max_source_length}")
+        raise LmforgeError(
+            f"max_source_length must be >= 1 (or None for no limit), got {max_source_length}"
+        )
     # learned and sinusoidal positions end at max_position; T5's relative bias has no end
     positions = None if c.position == "relative" else c.max_position
     for i, ids in enumerate(source_ids):
@@ -126,7 +137,9 @@ def _checked(
 
 
 # --- decoding -------------------------------------------------------------------------------------
-def _encode(model: EncoderDecoder, source_ids: list[list[int]]) -> tuple[CrossKV, torch.Tensor | None]:
+def _encode(
+    model: EncoderDecoder, source_ids: list[list[int]]
+) -> tuple[CrossKV, torch.Tensor | None]:
     """Right-pad and encode the sources once: every decoder layer's cross-attention keys/values
     and the source mask (B, S), None when no source is padded (the unmasked fast path)."""
     device = model.lm_head.weight.device
@@ -156,7 +169,10 @@ def _next_logits(
 
 
 def _decode(
-    model: EncoderDecoder, source_ids: list[list[int]], config: GenerationConfig, on_step: StepCallback | None
+    model: EncoderDecoder,
+    source_ids: list[list[int]],
+    config: GenerationConfig,
+    on_step: StepCallback | None,
 ) -> list[list[int]]:
     """Greedy decoding or sampling, `num_return_sequences` rows per source; `on_step` as in
     `lmforge.generate.engine.generate_ids`."""
@@ -169,7 +185,9 @@ def _decode(
         source_mask = None if source_mask is None else source_mask[rows]
     B, total = len(source_ids) * n, config.max_new_tokens + 1
     # the decoder's whole history: the start token, then each step's token
-    tokens = torch.full((B, total), model.config.decoder_start_token_id, dtype=torch.long, device=device)
+    tokens = torch.full(
+        (B, total), model.config.decoder_start_token_id, dtype=torch.long, device=device
+    )
 
     generator = torch.Generator(device=device)
     if config.seed is not None:
@@ -187,7 +205,7 @@ def _decode(
             logits[:, eos] = float("-inf")  # HF's MinNewTokensLengthLogitsProcessor
         # finished rows are still fed (the start token), but sample nothing and stay frozen
         alive = torch.tensor([not d for d in done], device=device)
-        new = tokens[:, t]
+        new = tokens[:, t]  # a view: filling it writes the history
         new[alive] = next_tokens(logits[alive], tokens[alive, :t], config, generator)
 
         step: list[int | None] = [None if d else tok for d, tok in zip(done, new.tolist())]
@@ -206,7 +224,9 @@ def _decode(
     return out
 
 
-def _beam_decode(model: EncoderDecoder, source_ids: list[list[int]], config: GenerationConfig) -> list[Hypothesis]:
+def _beam_decode(
+    model: EncoderDecoder, source_ids: list[list[int]], config: GenerationConfig
+) -> list[Hypothesis]:
     """`beam_search` over the decoder: every source's "prompt" is the start token, and the state
     that must follow the beams is the self-attention cache and, once, the source's encoding."""
     cross, source_mask = _encode(model, source_ids)
@@ -228,7 +248,9 @@ def _beam_decode(model: EncoderDecoder, source_ids: list[list[int]], config: Gen
             expanded = True
         return _next_logits(model, history, cross, source_mask, cache)
 
-    return beam_search(start, _next_logits(model, start, cross, source_mask, cache), logits_for, config)
+    return beam_search(
+        start, _next_logits(model, start, cross, source_mask, cache), logits_for, config
+    )
 
 
 # --- text -----------------------------------------------------------------------------------------
@@ -283,12 +305,17 @@ def translate(
             _fill(model, [sources[i] for i in batch], config, streams)
             for j, i in enumerate(batch):
                 for s in streams[j * n : (j + 1) * n]:
-                    results[i].append(Generation(texts[i], s.text, s.ids, sources[i], s.finish_reason or "length"))
+                    results[i].append(
+                        Generation(texts[i], s.text, s.ids, sources[i], s.finish_reason or "length")
+                    )
     return [g for per_text in results for g in per_text]
 
 
 def _fill(
-    model: EncoderDecoder, source_ids: list[list[int]], config: GenerationConfig, streams: list[_Detokenizer]
+    model: EncoderDecoder,
+    source_ids: list[list[int]],
+    config: GenerationConfig,
+    streams: list[_Detokenizer],
 ) -> None:
     """Decode one batch into `streams` (one per output row), which track text, stops and finish."""
     if config.num_beams > 1:
