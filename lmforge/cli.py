@@ -1,13 +1,15 @@
 """`lmforge` command line: one short function per stage, over the library.
 
     lmforge quickstart                  prepare the built-in corpus, train a small GPT, sample from it
-    lmforge prepare --data SRC ...      clean text, train a tokenizer, write token shards
-    lmforge train --data DIR --out RUN  pretrain (or --resume) a GPT, or a BERT (--preset bert-mini)
+    lmforge prepare --data SRC ...      clean text, train a tokenizer, write token shards (or pairs)
+    lmforge train --data DIR --out RUN  pretrain (or --resume) a GPT, a BERT (--preset bert-mini) or
+                                        an encoder-decoder (--preset transformer-tiny, t5-tiny)
     lmforge generate CKPT --prompt ...  sample text
-    lmforge eval CKPT --text FILE       loss and perplexity of a file
+    lmforge translate CKPT --text ...   translate / summarise with an encoder-decoder
+    lmforge eval CKPT --text FILE       loss and perplexity of a file (or BLEU/chrF/ROUGE)
     lmforge fill-mask CKPT TEXT         top tokens for each [MASK] (BERT)
     lmforge embed CKPT --text ...       sentence embeddings (BERT)
-    lmforge finetune --base CKPT ...    fine-tune BERT: classification or NER
+    lmforge finetune --base CKPT ...    fine-tune BERT (classification, NER) or an encoder-decoder
     lmforge predict CKPT --text ...     labels or entities from a fine-tuned checkpoint
     lmforge convert SRC DST             lmforge <-> Hugging Face checkpoints
 
@@ -642,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("finetune", help="fine-tune a BERT checkpoint for classification or NER")
+    p = sub.add_parser("finetune", help="fine-tune BERT (classification, NER) or an encoder-decoder (seq2seq)")
     p.add_argument("--base", help="lmforge or Hugging Face BERT checkpoint (any head) to start from")
     p.add_argument("--train", help="training file: .tsv/.csv/.jsonl (classification) or CoNLL")
     p.add_argument("--dev", help="dev file, scored after every epoch (same format)")
