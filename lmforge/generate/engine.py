@@ -247,29 +247,11 @@ def generate(
         for r in range(len(prompts) * n)
     ]
 
-    if config.num_beams > 1:
-        # No text is final before the search ends, so results stream only then. Stop strings cut
-        # the chosen hypotheses; they do not end hypotheses during the search.
-        for stream, hyp in zip(streams, _beam_decode(model, prompt_ids, config), strict=True):
-            for tok in hyp.tokens:
-                if stream.add(tok):  # the text now holds a stop string and is cut before it
-                    break
-            else:
-                stream.finish(hyp.finish_reason)
-    else:
-
-        def on_step(step: list[int | None]) -> list[int]:
-            stopped = []
-            for r, tok in enumerate(step):
-                if tok is None:
-                    continue
-                if tok == config.eos_token_id:
-                    streams[r].finish("eos")
-                elif streams[r].add(tok):
-                    stopped.append(r)
-            return stopped
-
-        generate_ids(model, prompt_ids, config, on_step=on_step)
+    fill_streams(
+        streams, config,
+        beams=lambda: _beam_decode(model, prompt_ids, config),
+        decode=lambda on_step: generate_ids(model, prompt_ids, config, on_step=on_step),
+    )
     results = []
     for r, s in enumerate(streams):
         if s.finish_reason is None:
@@ -278,6 +260,40 @@ def generate(
             Generation(prompts[r // n], s.text, s.ids, prompt_ids[r // n], s.finish_reason)
         )
     return results
+
+
+def fill_streams(
+    streams: list[_Detokenizer],
+    config: GenerationConfig,
+    *,
+    beams: Callable[[], list[Hypothesis]],
+    decode: Callable[[StepCallback], object],
+) -> None:
+    """Feed one decoded batch into its `streams` (one per output row), which track text, stop
+    strings and finish reasons. With beam search `beams()` gives the hypotheses, which stream only
+    once the search is over (no text is final before) and which stop strings cut afterwards;
+    otherwise `decode(on_step)` runs the step loop, and rows end at eos or a stop string."""
+    if config.num_beams > 1:
+        for stream, hyp in zip(streams, beams(), strict=True):
+            for tok in hyp.tokens:
+                if stream.add(tok):  # the text now holds a stop string and is cut before it
+                    break
+            else:
+                stream.finish(hyp.finish_reason)
+        return
+
+    def on_step(step: list[int | None]) -> list[int]:
+        stopped = []
+        for r, tok in enumerate(step):
+            if tok is None:
+                continue
+            if tok == config.eos_token_id:
+                streams[r].finish("eos")
+            elif streams[r].add(tok):
+                stopped.append(r)
+        return stopped
+
+    decode(on_step)
 
 
 def _empty_prompt(tokenizer, i: int) -> list[int]:

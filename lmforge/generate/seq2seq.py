@@ -24,7 +24,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.generate.beam import Hypothesis, beam_search
 from lmforge.generate.config import GenerationConfig
-from lmforge.generate.engine import Generation, StepCallback, _decoding, _Detokenizer
+from lmforge.generate.engine import Generation, StepCallback, _decoding, _Detokenizer, fill_streams
 from lmforge.generate.sampling import next_tokens
 from lmforge.models.encoder_decoder import EncoderDecoder
 from lmforge.nn import CrossKV, KVCache
@@ -302,40 +302,16 @@ def translate(
         for first in range(0, len(order), batch_size):
             batch = order[first : first + batch_size]
             streams = [_Detokenizer(decoder, config.stop, None) for _ in range(len(batch) * n)]
-            _fill(model, [sources[i] for i in batch], config, streams)
+            rows = [sources[i] for i in batch]
+            fill_streams(
+                streams,
+                config,
+                beams=lambda rows=rows: _beam_decode(model, rows, config),
+                decode=lambda on_step, rows=rows: _decode(model, rows, config, on_step),
+            )
             for j, i in enumerate(batch):
                 for s in streams[j * n : (j + 1) * n]:
                     results[i].append(
                         Generation(texts[i], s.text, s.ids, sources[i], s.finish_reason or "length")
                     )
     return [g for per_text in results for g in per_text]
-
-
-def _fill(
-    model: EncoderDecoder,
-    source_ids: list[list[int]],
-    config: GenerationConfig,
-    streams: list[_Detokenizer],
-) -> None:
-    """Decode one batch into `streams` (one per output row), which track text, stops and finish."""
-    if config.num_beams > 1:
-        for stream, hyp in zip(streams, _beam_decode(model, source_ids, config), strict=True):
-            for tok in hyp.tokens:
-                if stream.add(tok):  # the text now holds a stop string and is cut before it
-                    break
-            else:
-                stream.finish(hyp.finish_reason)
-        return
-
-    def on_step(step: list[int | None]) -> list[int]:
-        stopped = []
-        for r, tok in enumerate(step):
-            if tok is None:
-                continue
-            if tok == config.eos_token_id:
-                streams[r].finish("eos")
-            elif streams[r].add(tok):
-                stopped.append(r)
-        return stopped
-
-    _decode(model, source_ids, config, on_step)
