@@ -13,12 +13,13 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-ACCURACIES = (("mlm_acc", "MLM accuracy"), ("nsp_acc", "NSP accuracy"))
+ACCURACIES = (("mlm_acc", "MLM accuracy"), ("nsp_acc", "NSP accuracy"), ("acc", "token accuracy"))
 
 
 def plot_metrics(metrics_path: str | Path, out_png: str | Path) -> Path | None:
     """Plot training loss (per log interval) and evaluated train/val loss against the step; for
-    BERT pretraining a second panel shows the evaluated MLM and NSP accuracies."""
+    BERT pretraining a second panel shows the evaluated MLM and NSP accuracies, for an
+    encoder-decoder the target-token accuracy."""
     records = read_metrics(metrics_path)
     if not records:
         return None
