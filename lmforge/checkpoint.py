@@ -48,12 +48,18 @@ class Checkpoint:
     tokenizer: Tokenizer
     meta: dict[str, Any] = field(default_factory=dict)  # the whole config.json
     path: Path | None = None
+    # an encoder-decoder trained with separate vocabularies reads its sources with this one (the
+    # decoder's is `tokenizer`); None: one joint tokenizer
+    source_tokenizer: Tokenizer | None = None
 
     def generate(self, prompts: str | list[str], **generation_kwargs: Any) -> list:
         """Shortcut for `lmforge.generate.generate` with this checkpoint's model and tokenizer."""
         from lmforge.generate import GenerationConfig, generate
 
         return generate(self.model, self.tokenizer, prompts, GenerationConfig(**generation_kwargs))
+
+
+SOURCE_TOKENIZER_DIR = "source_tokenizer"
 
 
 def model_type_of(model: torch.nn.Module) -> str:
@@ -83,8 +89,10 @@ def save_checkpoint(
     *,
     extra: dict[str, Any] | None = None,
     train_state: dict[str, Any] | None = None,
+    source_tokenizer: Tokenizer | None = None,
 ) -> Path:
-    """Write a complete checkpoint folder atomically; `extra` adds sections to config.json."""
+    """Write a complete checkpoint folder atomically; `extra` adds sections to config.json. An
+    encoder-decoder's separate `source_tokenizer` goes into SOURCE_TOKENIZER_DIR/."""
     directory = Path(directory)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -96,6 +104,8 @@ def save_checkpoint(
         save_file(weights_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         tokenizer.save(tmp)
+        if source_tokenizer is not None:
+            source_tokenizer.save(tmp / SOURCE_TOKENIZER_DIR)
         if train_state is not None:
             torch.save(train_state, tmp / STATE_FILE)
     return directory
@@ -150,7 +160,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     model = model_cls(config)
     load_weights(model, directory / WEIGHTS_FILE)
     model.to(device).eval()
-    return Checkpoint(model=model, tokenizer=Tokenizer.load(directory), meta=meta, path=directory)
+    source = directory / SOURCE_TOKENIZER_DIR
+    return Checkpoint(
+        model=model, tokenizer=Tokenizer.load(directory), meta=meta, path=directory,
+        source_tokenizer=Tokenizer.load(source) if source.is_dir() else None,
+    )
 
 
 def load_weights(model: torch.nn.Module, weights_file: Path) -> None:

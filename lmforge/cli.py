@@ -42,7 +42,10 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         print(
             f"prepared {splits['train']['pairs']:,} train + {splits['val']['pairs']:,} val sentence pairs "
             f"({splits['train']['source_tokens']:,} source + {splits['train']['target_tokens']:,} target "
-            f"train tokens; joint bpe vocab {manifest['vocab_size']}) in {args.out}"
+            f"train tokens; "
+            + (f"bpe vocab {manifest['source_vocab_size']} source + {manifest['target_vocab_size']} target"
+               if manifest["separate_tokenizers"] else f"joint bpe vocab {manifest['vocab_size']}")
+            + f") in {args.out}"
         )
         lost = {s: d["empty"] + d["too_long"] for s, d in dropped.items()}
         if any(lost.values()):
@@ -146,6 +149,8 @@ def build_run_configs(
                 )
             raw["model"].setdefault("pad_token_id", tokenizer.pad_id)
             raw["model"].setdefault("decoder_start_token_id", tokenizer.pad_id)  # as T5
+            if getattr(data_dir, "source_tokenizer", None) is not None:  # one table per side
+                raw["model"].setdefault("share_embeddings", False)
             raw["model"].setdefault("eos_token_id", tokenizer.eos_id)
     if family == "bert" and "head" not in raw["model"]:
         # pretraining: an MLM head, with NSP unless the objective is MLM alone
@@ -246,7 +251,8 @@ def _print_translations(ckpt, sources: list[str], args: argparse.Namespace) -> N
     from lmforge.generate import translate
 
     config = generation_config_from_args(args, args.max_new_tokens or 128)
-    results = translate(ckpt.model, ckpt.tokenizer, sources, config, batch_size=args.batch_size)
+    results = translate(ckpt.model, ckpt.tokenizer, sources, config, batch_size=args.batch_size,
+                        source_tokenizer=ckpt.source_tokenizer)
     if args.json:
         print(json.dumps([
             {"source": r.prompt, "text": r.text, "token_ids": r.token_ids, "source_ids": r.prompt_ids,
@@ -313,7 +319,8 @@ def _eval_seq2seq(ckpt, args: argparse.Namespace) -> None:
     config = generation_config_from_args(args, args.max_new_tokens or 128)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     result = evaluate_generation(ckpt.model, ckpt.tokenizer, sources, references, config,
-                                 metrics=metrics, batch_size=args.batch_size)
+                                 metrics=metrics, batch_size=args.batch_size,
+                                 source_tokenizer=ckpt.source_tokenizer)
     if args.output:
         Path(args.output).write_text("".join(h + "\n" for h in result["hypotheses"]), encoding="utf-8")
     del result["hypotheses"]
@@ -569,6 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-field", help="... and the target column")
     g.add_argument("--val-data", help="validation source file (or pairs file); default: the last --val-fraction")
     g.add_argument("--val-target", help="validation target file aligned with --val-data")
+    g.add_argument("--separate-tokenizers", action="store_true",
+                   help="one BPE vocabulary per side (each --vocab-size) instead of one joint vocabulary")
     g.add_argument("--max-length", type=int, default=256,
                    help="drop pairs with a side longer than this many tokens (default: 256)")
     p.add_argument("--out", required=True, help="output DATA_DIR")

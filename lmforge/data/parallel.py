@@ -7,7 +7,8 @@ Sources of pairs (`read_pairs`):
   (`--source-field de --target-field en`).
 
 `prepare_parallel` trains one joint byte-level BPE tokenizer on both sides (T5's special tokens:
-<pad> 0, </s> 1, <unk> 2; sentinels on request), tokenizes every pair, appends </s> to both sides,
+<pad> 0, </s> 1, <unk> 2; sentinels on request), or with `separate_tokenizers` one per side (the
+source's in `source_tokenizer/`, both with the same special ids), tokenizes every pair, appends </s> to both sides,
 drops pairs with an empty side or a side longer than `max_length` tokens (the counts go into the
 manifest), and writes, for each split,
 
@@ -46,6 +47,7 @@ from lmforge.fileio import atomic_dir
 from lmforge.tokenizer import Tokenizer
 
 PARALLEL_FORMAT = "parallel"
+SOURCE_TOKENIZER_DIR = "source_tokenizer"  # as in checkpoints (lmforge.checkpoint)
 SPLITS = ("train", "val")
 OFFSETS_FILE = "{split}-offsets.npy"
 SIDE_FILE = "{split}-{side}.bin"
@@ -143,10 +145,12 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
 
 # ---- preparing ----------------------------------------------------------------------------------
 def encode_pairs(
-    tokenizer: Tokenizer, pairs: list[tuple[str, str]], eos_id: int
+    tokenizer: Tokenizer, pairs: list[tuple[str, str]], eos_id: int,
+    source_tokenizer: Tokenizer | None = None,
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids of both sides, each ending in `eos_id` (as T5 and Marian train)."""
-    sources = tokenizer.encode_batch([s for s, _ in pairs])
+    """Token ids of both sides, each ending in `eos_id` (as T5 and Marian train); the sources
+    with `source_tokenizer` when the sides have separate vocabularies."""
+    sources = (source_tokenizer or tokenizer).encode_batch([s for s, _ in pairs])
     targets = tokenizer.encode_batch([t for _, t in pairs])
     return [s + [eos_id] for s in sources], [t + [eos_id] for t in targets]
 
@@ -174,7 +178,8 @@ def write_split(
 
 
 def prepare_parallel(
-    config, out_dir: str | Path, progress: bool = True, tokenizer: Tokenizer | None = None
+    config, out_dir: str | Path, progress: bool = True, tokenizer: Tokenizer | None = None,
+    source_tokenizer: Tokenizer | None = None,
 ) -> dict[str, Any]:
     """`lmforge prepare` for parallel text (`config` is a `PrepareConfig` with `target` or the
     pair fields set); returns the manifest. Written whole, then renamed into place.
@@ -212,11 +217,22 @@ def prepare_parallel(
     for src, tgt in pairs:
         fingerprint.update(src + "\t" + tgt)
 
-    if tokenizer is None:  # one joint vocabulary, trained on both sides of the training pairs
+    if tokenizer is None and config.separate_tokenizers:  # one vocabulary per side
+        source_tokenizer = train_tokenizer(
+            "bpe", (s for s, _ in train_pairs), config.vocab_size, seq2seq=True, sentinels=config.sentinels
+        )
+        tokenizer = train_tokenizer(
+            "bpe", (t for _, t in train_pairs), config.vocab_size, seq2seq=True, sentinels=config.sentinels
+        )
+    elif tokenizer is None:  # one joint vocabulary, trained on both sides of the training pairs
         texts = (text for pair in train_pairs for text in pair)
         tokenizer = train_tokenizer(
             "bpe", texts, config.vocab_size, seq2seq=True, sentinels=config.sentinels
         )
+    if source_tokenizer is not None and (source_tokenizer.pad_id, source_tokenizer.eos_id) != (
+        tokenizer.pad_id, tokenizer.eos_id
+    ):
+        raise LmforgeError("the source and target tokenizers must agree on the <pad> and </s> ids")
     eos = tokenizer.eos_id
     if eos is None:
         raise LmforgeError("the tokenizer has no end-of-sequence token; sequence pairs need one")
@@ -227,7 +243,9 @@ def prepare_parallel(
             sources, targets, n_empty, n_long = [], [], 0, 0
             for i in tqdm(range(0, len(split_pairs), _ENCODE_BATCH), desc=f"tokenizing {split}",
                           disable=not progress):
-                src_ids, tgt_ids = encode_pairs(tokenizer, split_pairs[i : i + _ENCODE_BATCH], eos)
+                src_ids, tgt_ids = encode_pairs(
+                    tokenizer, split_pairs[i : i + _ENCODE_BATCH], eos, source_tokenizer
+                )
                 for s, t in zip(src_ids, tgt_ids):
                     if len(s) == 1 or len(t) == 1:  # nothing but </s>: an empty side
                         n_empty += 1
@@ -244,6 +262,8 @@ def prepare_parallel(
                 f"{dropped['train']['too_long']} longer than max_length={config.max_length} tokens)"
             )
         tokenizer.save(tmp)
+        if source_tokenizer is not None:
+            source_tokenizer.save(tmp / SOURCE_TOKENIZER_DIR)
         warnings = []
         if counts["val"]["pairs"] == 0:
             warnings.append("no validation pairs: training cannot report val loss or keep a best checkpoint")
@@ -257,7 +277,10 @@ def prepare_parallel(
             "fields": None if config.target else [config.source_field, config.target_field],
             "source_sha256": fingerprint.hexdigest(),
             "tokenizer": tokenizer.kind,
-            "vocab_size": tokenizer.vocab_size,
+            "vocab_size": max(tokenizer.vocab_size, (source_tokenizer or tokenizer).vocab_size),
+            "separate_tokenizers": source_tokenizer is not None,
+            "source_vocab_size": (source_tokenizer or tokenizer).vocab_size,
+            "target_vocab_size": tokenizer.vocab_size,
             "eos_id": eos,
             "pad_id": tokenizer.pad_id,
             "dtype": dtype.name,
@@ -300,10 +323,18 @@ class ParallelData:
 
     @functools.cached_property
     def tokenizer(self) -> Tokenizer:
+        """The target side's tokenizer (the only one, when the vocabulary is joint)."""
         return Tokenizer.load(self.path)
+
+    @functools.cached_property
+    def source_tokenizer(self) -> Tokenizer | None:
+        """The source side's own tokenizer, or None when the vocabulary is joint."""
+        path = self.path / SOURCE_TOKENIZER_DIR
+        return Tokenizer.load(path) if path.is_dir() else None
 
     @property
     def vocab_size(self) -> int:
+        """Token ids run below this on both sides (the larger vocabulary when they differ)."""
         return self.manifest["vocab_size"]
 
     def pairs(self, split: str) -> int:

@@ -76,6 +76,8 @@ class PrepareConfig:
     val_source: str | None = None  # a separate validation set (else the last val_fraction)
     val_target: str | None = None
     max_length: int = 256  # parallel pairs with a side longer than this (in tokens) are dropped
+    # parallel text: one BPE per side (each of vocab_size) instead of one joint vocabulary
+    separate_tokenizers: bool = False
 
     def __post_init__(self) -> None:
         check(
@@ -122,6 +124,10 @@ class PrepareConfig:
                 self.val_target = None
         elif self.sentinels:
             check(self.tokenizer == "bpe", f"sentinels need --tokenizer bpe, got {self.tokenizer!r}")
+        check(
+            not self.separate_tokenizers or self.parallel,
+            "separate_tokenizers applies to parallel text only (--target or --source-field)",
+        )
 
     @property
     def parallel(self) -> bool:

@@ -53,7 +53,7 @@ def corpus_scores(
 
 def evaluate_generation(
     model, tokenizer, sources: Sequence[str], references: Sequence[str], config, *,
-    metrics: Sequence[str] = METRICS, batch_size: int = 32,
+    metrics: Sequence[str] = METRICS, batch_size: int = 32, source_tokenizer=None,
 ) -> dict:
     """Translate (or summarise) `sources` with an encoder-decoder and score the outputs."""
     from lmforge.generate.seq2seq import translate
@@ -63,7 +63,8 @@ def evaluate_generation(
             f"{len(sources)} sources but {len(references)} references; the files must align line by line"
         )
     start = time.perf_counter()
-    outputs = translate(model, tokenizer, list(sources), config, batch_size=batch_size)
+    outputs = translate(model, tokenizer, list(sources), config, batch_size=batch_size,
+                        source_tokenizer=source_tokenizer)
     seconds = time.perf_counter() - start
     hypotheses = [o.text.strip() for o in outputs]
     return {

@@ -273,6 +273,7 @@ def translate(
     *,
     batch_size: int = 32,
     max_source_length: int | None = None,
+    source_tokenizer=None,
 ) -> list[Generation]:
     """Decode each text into its target text; `num_return_sequences` results per text, in input
     order (with beam search, each text's best hypotheses, best first).
@@ -280,7 +281,9 @@ def translate(
     Each source ends in eos (the model's, else the tokenizer's), as T5 and Marian were trained.
     Texts run in batches of `batch_size`, sorted by length so that a batch pads little. Stop
     strings cut the text before them (finish_reason "stop"); with beam search they cut the
-    chosen hypotheses and do not end hypotheses during the search."""
+    chosen hypotheses and do not end hypotheses during the search. `tokenizer` writes the
+    targets; `source_tokenizer` (a checkpoint's, when its sides have separate vocabularies)
+    reads the sources, else `tokenizer` does both."""
     _check_model(model)
     if isinstance(texts, str):
         texts = [texts]
@@ -291,7 +294,9 @@ def translate(
     eos = model.config.eos_token_id if model.config.eos_token_id is not None else tokenizer.eos_id
     if config.eos_token_id is None and eos is not None:
         config = dataclasses.replace(config, eos_token_id=eos)
-    sources = [ids + [eos] if eos is not None else ids for ids in tokenizer.encode_batch(texts)]
+    # a model trained with separate vocabularies reads its sources with the source side's own
+    encoded = (source_tokenizer or tokenizer).encode_batch(texts)
+    sources = [ids + [eos] if eos is not None else ids for ids in encoded]
     # check every source before the first batch runs, so that a bad text late in the list fails fast
     config = _checked(model, sources, config, max_source_length)
 

@@ -88,7 +88,8 @@ def finetune_seq2seq(
         source_field=(source_field or "source") if pairs_file else None,
         target_field=(target_field or "target") if pairs_file else None, max_length=max_length,
     )
-    prepare_parallel(prepare_config, data_dir, progress=progress, tokenizer=ckpt.tokenizer)
+    prepare_parallel(prepare_config, data_dir, progress=progress, tokenizer=ckpt.tokenizer,
+                     source_tokenizer=ckpt.source_tokenizer)
     data = open_data(data_dir)
     steps_per_epoch = math.ceil(data.pairs("train") / batch_size)
     max_iters = epochs * steps_per_epoch

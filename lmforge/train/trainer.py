@@ -162,6 +162,11 @@ def _seq2seq_objective(
     pad, start = c.pad_token_id, c.decoder_start_token_id
     eos = c.eos_token_id if c.eos_token_id is not None else data.tokenizer.eos_id
     if name == "seq2seq":
+        if data.source_tokenizer is not None and c.share_embeddings:
+            raise LmforgeError(
+                "the data has separate source and target vocabularies, so the model needs its own "
+                "table for each: set model.share_embeddings=false"
+            )
         if c.position != "relative":
             longest = max(int(lengths.max(initial=0)) for split in ("train", "val")
                           for lengths in data.lengths(split))
@@ -330,6 +335,7 @@ def train(
             data.tokenizer,
             extra={**meta, "iter": it},
             train_state=train_state,
+            source_tokenizer=getattr(data, "source_tokenizer", None),
         )
 
     # ---- the loop -----------------------------------------------------------------------------

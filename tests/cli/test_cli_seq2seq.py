@@ -84,3 +84,15 @@ def test_seq2seq_errors_are_one_line(tmp_path, seq2seq_run):
     result = lmforge("translate", seq2seq_run / "run", "--text", "ein hund", "--max-new-tokens", 500,
                      check=False)
     assert_one_line_error(result, "max_new_tokens", "positions")
+
+
+def test_separate_tokenizers_from_the_cli(tmp_path):
+    src, tgt = write_aligned(tmp_path, toy_pairs(200))
+    out = lmforge("prepare", "--data", src, "--target", tgt, "--separate-tokenizers", "--vocab-size", 280,
+                  "--out", tmp_path / "d", "--no-progress")
+    assert "source +" in out.stdout and "target" in out.stdout
+    lmforge("train", "--data", tmp_path / "d", "--out", tmp_path / "r", "--no-progress",
+            "--set", *TINY, "train.max_iters=2", "train.eval_interval=2")
+    assert (tmp_path / "r" / "last" / "source_tokenizer" / "tokenizer.json").is_file()
+    out = lmforge("translate", tmp_path / "r", "--text", "ein hund", "--max-new-tokens", 5, "--json")
+    assert json.loads(out.stdout)[0]["source_ids"][-1] == 1  # </s>

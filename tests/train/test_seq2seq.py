@@ -152,3 +152,25 @@ def test_finetune_seq2seq_starts_from_the_base_weights_and_resumes(tmp_path, pai
     with pytest.raises(LmforgeError, match="needs an encoder-decoder base"):
         finetune_seq2seq(tmp_path / "gpt", str(src), str(dsrc), tmp_path / "ft2", train_target=str(tgt),
                          dev_target=str(dtgt), progress=False)
+
+
+def test_separate_source_and_target_tokenizers(tmp_path):
+    src, tgt = write_aligned(tmp_path, toy_pairs(300))
+    prepare(PrepareConfig(source=str(src), target=str(tgt), vocab_size=280, separate_tokenizers=True),
+            tmp_path / "d", progress=False)
+    data = open_data(tmp_path / "d")
+    source_tok, target_tok = data.source_tokenizer, data.tokenizer
+    assert source_tok is not None and source_tok.backend.get_vocab() != target_tok.backend.get_vocab()
+    assert "läuft" in source_tok.decode(source_tok.encode("läuft"))
+    s, t = data.pair("train", 0)
+    first = toy_pairs(300)[0]
+    assert source_tok.decode(s[:-1].tolist()) == first[0] and target_tok.decode(t[:-1].tolist()) == first[1]
+    with pytest.raises(LmforgeError, match="share_embeddings=false"):
+        train(tiny(data), fast(max_iters=2), DataConfig(str(tmp_path / "d")), tmp_path / "bad", progress=False)
+    train(tiny(data, share_embeddings=False), fast(max_iters=60, eval_interval=60), DataConfig(str(tmp_path / "d")),
+          tmp_path / "r", progress=False)
+    ckpt = load_checkpoint(tmp_path / "r")
+    assert ckpt.source_tokenizer.backend.get_vocab() == source_tok.backend.get_vocab()
+    [out] = translate(ckpt.model, ckpt.tokenizer, "ein hund", GenerationConfig(do_sample=False, max_new_tokens=8),
+                      source_tokenizer=ckpt.source_tokenizer)
+    assert out.prompt_ids == source_tok.encode("ein hund") + [source_tok.eos_id]
