@@ -12,6 +12,7 @@
     lmforge finetune --base CKPT ...    fine-tune BERT (classification, NER) or an encoder-decoder
     lmforge predict CKPT --text ...     labels or entities from a fine-tuned checkpoint
     lmforge convert SRC DST             lmforge <-> Hugging Face checkpoints
+    lmforge serve CKPT                  OpenAI-compatible server with continuous batching
 
 User errors (bad config, missing data, ...) print one line `lmforge: error: ...` and exit with 2.
 """
@@ -250,7 +251,7 @@ def _is_seq2seq(model) -> bool:
 def _print_translations(ckpt, sources: list[str], args: argparse.Namespace) -> None:
     from lmforge.generate import translate
 
-    config = generation_config_from_args(args, args.max_new_tokens or 128)
+    config = generation_config_from_args(args, _seq2seq_max_new_tokens(ckpt.model, args.max_new_tokens))
     results = translate(ckpt.model, ckpt.tokenizer, sources, config, batch_size=args.batch_size,
                         source_tokenizer=ckpt.source_tokenizer)
     if args.json:
@@ -261,6 +262,14 @@ def _print_translations(ckpt, sources: list[str], args: argparse.Namespace) -> N
     else:  # one output a line, in input order (num_return_sequences lines per source)
         for r in results:
             print(r.text.replace("\n", " "))
+
+
+def _seq2seq_max_new_tokens(model, requested: int | None) -> int:
+    """What was asked for, else 128, or fewer when the decoder's positions end sooner."""
+    if requested is not None:
+        return requested
+    c = model.config
+    return 128 if c.position == "relative" else max(1, min(128, c.max_position - 1))
 
 
 def cmd_translate(args: argparse.Namespace) -> None:
@@ -316,7 +325,7 @@ def _eval_seq2seq(ckpt, args: argparse.Namespace) -> None:
         raise LmforgeError("an encoder-decoder is scored with --source FILE --reference FILE "
                            "(aligned, one sentence a line, gzip ok)")
     sources, references = _read_lines(args.source), _read_lines(args.reference)
-    config = generation_config_from_args(args, args.max_new_tokens or 128)
+    config = generation_config_from_args(args, _seq2seq_max_new_tokens(ckpt.model, args.max_new_tokens))
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     result = evaluate_generation(ckpt.model, ckpt.tokenizer, sources, references, config,
                                  metrics=metrics, batch_size=args.batch_size,
@@ -479,6 +488,35 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 # ---- convert ---------------------------------------------------------------------------------
+# ---- serve -----------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from lmforge.serve.app import create_app
+        from lmforge.serve.protocol import ServerLimits
+        from lmforge.serve.security import ApiKeys
+    except ImportError as e:
+        raise LmforgeError(f"serving needs the serve extra: pip install 'lmforge[serve]' ({e.name} is missing)") from e
+    from lmforge.checkpoint import load_checkpoint
+    from lmforge.train.trainer import resolve_device
+
+    keys = ApiKeys.from_sources(args.api_key)
+    if not keys.enabled and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host} without an API key: anyone who can reach it can use it",
+              file=sys.stderr)
+    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    limits = ServerLimits(max_n=args.max_n, max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes)
+    app = create_app(
+        ckpt, model_name=args.model_name, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+        request_timeout=args.request_timeout, limits=limits, api_keys=keys,
+        requests_per_minute=args.rate_limit, public_metrics=args.public_metrics,
+    )
+    print(f"serving {app.state.model_name!r} on http://{args.host}:{args.port} (chat page at /, OpenAI API at /v1)"
+          + ("; API key required" if keys.enabled else ""))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from lmforge.interop import convert
 
@@ -688,6 +726,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching) and chat page")
+    p.add_argument("checkpoint", help="GPT checkpoint, run folder, or Hugging Face GPT-2 folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append",
+                   help="require Authorization: Bearer KEY on /v1 and /metrics (repeatable; or LMFORGE_API_KEY)")
+    p.add_argument("--rate-limit", type=float, default=None, help="requests per minute per API key")
+    p.add_argument("--public-metrics", action="store_true", help="serve /metrics without the API key")
+    p.add_argument("--model-name", default=None, help="the model id clients pass (default: the folder's name)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together (default: 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (default: 64)")
+    p.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens (default: 512)")
+    p.add_argument("--max-n", type=int, default=8, help="cap on a request's n (default: 8)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body cap (default: 1 MiB)")
+    p.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is ended")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("predict", help="labels (classification) or entities (NER) from a fine-tuned checkpoint")
     p.add_argument("checkpoint", help="checkpoint or run folder written by `lmforge finetune` (or an HF one)")

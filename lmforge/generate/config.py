@@ -19,6 +19,10 @@ class GenerationConfig:
     # CTRL's penalty (Keskar et al. 2019) on every token already in prompt + continuation
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0  # 0: off
+    # OpenAI's penalties over the generated tokens only: logits[t] -= presence * (count[t] > 0)
+    # + frequency * count[t]; > 0 discourages repeats, < 0 encourages them
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     min_new_tokens: int = 0  # eos is forbidden until this many tokens are generated
     stop: list[str] = field(default_factory=list)  # stop strings; the text is cut before them
     num_return_sequences: int = 1
@@ -54,6 +58,9 @@ class GenerationConfig:
             self.repetition_penalty > 0,
             f"repetition_penalty must be > 0, got {self.repetition_penalty}",
         )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            check(-2.0 <= value <= 2.0, f"{name} must be in [-2, 2] (OpenAI's range), got {value}")
         check(
             self.no_repeat_ngram_size >= 0,
             f"no_repeat_ngram_size must be >= 0 (0 disables it), got {self.no_repeat_ngram_size}",
@@ -85,6 +92,11 @@ class GenerationConfig:
                 not self.do_sample,
                 f"num_beams={self.num_beams} with do_sample=True (beam sampling) is not supported: "
                 "set do_sample=False for beam search, or num_beams=1 to sample",
+            )
+            check(
+                self.presence_penalty == 0.0 and self.frequency_penalty == 0.0,
+                "presence_penalty and frequency_penalty apply to greedy decoding and sampling, "
+                f"not to beam search (num_beams={self.num_beams}); use repetition_penalty",
             )
             check(
                 self.num_return_sequences <= self.num_beams,

@@ -3,7 +3,9 @@
 Prompts of different lengths are left-padded so that they all end at the same position, which
 lets every row share the cache's one write position. The padded batch is prefilled in one forward
 pass, then each step feeds one token per row (`last_only=True`). Positions count real tokens only
-(cumsum of the mask - 1), so a padded prompt sees the same positions as it would alone.
+(cumsum of the mask - 1), so a padded prompt sees the same positions as it would alone. Each
+output row samples from its own generator (seed + its index among its prompt's sequences), so a
+row's tokens are those it would get alone, whatever else is in the batch.
 
 With `num_beams > 1` the same prefill and incremental steps drive beam search
 (`lmforge.generate.beam`), the cache's rows following the beams as they are reordered.
@@ -25,7 +27,7 @@ from torch import nn
 from lmforge.errors import LmforgeError
 from lmforge.generate.beam import Hypothesis, beam_search
 from lmforge.generate.config import GenerationConfig
-from lmforge.generate.sampling import PAD, next_tokens
+from lmforge.generate.sampling import PAD, next_tokens, sequence_generator
 
 
 @dataclass
@@ -125,11 +127,12 @@ def _decode(
     tokens = _left_padded(rows, total, device)
     padded = any(len(ids) < L for ids in rows)
 
-    generator = torch.Generator(device=device)
-    if config.seed is not None:
-        generator.manual_seed(config.seed)
-    else:
-        generator.seed()  # fresh entropy, leaving the global RNG alone
+    # one random stream per row, seeded by its index among its prompt's sequences: a row's tokens
+    # do not depend on the other prompts of the batch (the server batches strangers together)
+    n = config.num_return_sequences
+    generators = (
+        [sequence_generator(config.seed, r % n, device) for r in range(B)] if config.do_sample else None
+    )
     cache = model.new_kv_cache(B, total) if config.use_cache else None
 
     out: list[list[int]] = [[] for _ in range(B)]
@@ -143,7 +146,8 @@ def _decode(
         # finished rows are still fed (a 0), but sample nothing and their output is frozen
         alive = torch.tensor([not d for d in done], device=device)
         new = torch.zeros(B, dtype=torch.long, device=device)
-        new[alive] = next_tokens(logits[alive], tokens[alive, :t], config, generator)
+        live = [g for g, d in zip(generators, done) if not d] if generators else None
+        new[alive] = next_tokens(logits[alive], tokens[alive, :t], config, live, prompt_len=L)
         tokens[:, t] = new
         t += 1
 

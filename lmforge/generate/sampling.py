@@ -4,8 +4,13 @@ Each processor is a small pure function over next-token logits (B, V), plus the 
 (B, T) where it needs one. They reproduce Hugging Face's processors and warpers of the same names
 (`transformers.generation.logits_process`) exactly, and `process_logits` applies them in HF's
 order: the penalties first, then the sampling warpers (temperature, top-k, top-p, min-p).
+OpenAI's presence and frequency penalties (which HF lacks) join the penalties, as in vLLM.
 
 The history may be left-padded: ids below 0 (`PAD`) are padding and never count as a token.
+
+Sampling draws every output sequence from its own `torch.Generator` (`sequence_generator`), so
+that a sequence's tokens depend on its prompt, its settings and its seed, never on the other
+sequences it happens to be batched with (offline, or in the server's running batch).
 """
 
 from __future__ import annotations
@@ -50,6 +55,18 @@ def ban_repeated_ngrams(logits: torch.Tensor, ids: torch.Tensor, n: int) -> torc
     return logits.masked_fill(banned[:, :V], float("-inf"))
 
 
+def apply_presence_frequency_penalty(
+    logits: torch.Tensor, generated: torch.Tensor, presence: float, frequency: float
+) -> torch.Tensor:
+    """OpenAI's penalties over the tokens generated so far (the prompt does not count):
+    logits[t] -= presence * (count[t] > 0) + frequency * count[t]."""
+    V = logits.shape[-1]
+    ids = generated.masked_fill(generated < 0, V).clamp(max=V)  # (B, T); padding -> spare column V
+    counts = torch.zeros(logits.shape[0], V + 1, dtype=logits.dtype, device=logits.device)
+    counts = counts.scatter_add(1, ids, torch.ones_like(ids, dtype=logits.dtype))[:, :V]  # (B, V)
+    return logits - presence * (counts > 0) - frequency * counts
+
+
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits / temperature
 
@@ -80,12 +97,18 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 def process_logits(
-    logits: torch.Tensor, ids: torch.Tensor, config: GenerationConfig
+    logits: torch.Tensor, ids: torch.Tensor, config: GenerationConfig, prompt_len: int = 0
 ) -> torch.Tensor:
     """All processors `config` asks for, in HF's order. Greedy decoding skips the warpers, whose
-    filtering and rescaling cannot change the argmax."""
+    filtering and rescaling cannot change the argmax. `ids[:, prompt_len:]` are the generated
+    tokens, the ones the presence and frequency penalties count (left-padded prompts all end at
+    `prompt_len`)."""
     if config.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, ids, config.repetition_penalty)
+    if config.presence_penalty != 0.0 or config.frequency_penalty != 0.0:
+        logits = apply_presence_frequency_penalty(
+            logits, ids[:, prompt_len:], config.presence_penalty, config.frequency_penalty
+        )
     if config.no_repeat_ngram_size > 0:
         logits = ban_repeated_ngrams(logits, ids, config.no_repeat_ngram_size)
     if not config.do_sample:
@@ -101,14 +124,33 @@ def process_logits(
     return logits
 
 
+def sequence_generator(
+    seed: int | None, choice: int = 0, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """The random stream of one output sequence: seeded with `seed + choice` for the choice-th of a
+    prompt's `num_return_sequences` (so one sequence with a seed draws exactly as a plain seeded
+    generator), fresh entropy without a seed; the global RNG is left alone either way."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed + choice)
+    return generator
+
+
 def next_tokens(
     logits: torch.Tensor,  # (B, V) logits for the next position
     ids: torch.Tensor,  # (B, T) history, prompt included, PAD where padded
     config: GenerationConfig,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    *,
+    prompt_len: int = 0,  # ids[:, prompt_len:] are the generated tokens
 ) -> torch.Tensor:
-    """The next token of every row, (B,): argmax, or a draw from the processed distribution."""
-    logits = process_logits(logits.float(), ids, config)
+    """The next token of every row, (B,): argmax, or a draw from the processed distribution.
+
+    `generator` is one generator for the whole batch, or one per row: each row then draws
+    exactly as a batch of one would with its generator, whatever the other rows are."""
+    logits = process_logits(logits.float(), ids, config, prompt_len)
     if torch.isneginf(logits).all(dim=-1).any():
         raise LmforgeError(
             f"every token is banned for the next position (no_repeat_ngram_size={config.no_repeat_ngram_size} "
@@ -117,4 +159,19 @@ def next_tokens(
     if not config.do_sample:
         return logits.argmax(dim=-1)
     probs = logits.softmax(dim=-1)
+    if isinstance(generator, list):
+        draws = [torch.multinomial(probs[r : r + 1], 1, generator=g) for r, g in enumerate(generator)]
+        return torch.cat(draws)[:, 0]
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def token_logprobs(
+    logits: torch.Tensor, chosen: torch.Tensor, top: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the `chosen` tokens (B,) and of each row's `top` most likely tokens,
+    under the model's own distribution: log_softmax of the raw logits (B, V), before any penalty,
+    temperature or filter (vLLM's default "raw" logprobs). Returns (B,), (B, top) values and
+    (B, top) ids, best first."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    best = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+    return logprobs.gather(1, chosen[:, None])[:, 0], best.values, best.indices

@@ -130,6 +130,18 @@ def test_seed_reproducibility(tiny_model, char_tokenizer):
     assert torch.equal(torch.rand(1), before)
 
 
+def test_a_sampled_row_does_not_depend_on_its_batch(tiny_model, char_tokenizer):
+    """Row (prompt p, sequence j) samples from its own generator, seeded seed + j: it gets the
+    tokens of prompt p alone with seed + j, whatever the other prompts (the server relies on it)."""
+    ids = char_tokenizer.encode_batch(["Pack my", "A", "The quick brown fox"])
+    config = GenerationConfig(max_new_tokens=10, seed=5, num_return_sequences=2, top_k=20)
+    batched = generate_ids(tiny_model, ids, config)
+    for r, row in enumerate(batched):
+        p, j = divmod(r, 2)
+        alone = GenerationConfig(max_new_tokens=10, seed=5 + j, top_k=20)
+        assert row == generate_ids(tiny_model, [ids[p]], alone)[0]
+
+
 def test_returned_sequences_differ_when_sampling(tiny_model, char_tokenizer):
     results, _ = run(
         tiny_model, char_tokenizer, "The", max_new_tokens=20, num_return_sequences=3, seed=0
@@ -283,6 +295,8 @@ def test_token_outside_the_vocabulary(tiny_model):
         ("num_return_sequences", 0),
         ("stop", [""]),
         ("eos_token_id", -2),
+        ("presence_penalty", -2.5),
+        ("frequency_penalty", 3.0),
     ],
 )
 def test_invalid_config_names_the_field(field, value):

@@ -17,12 +17,15 @@ from lmforge.errors import LmforgeError
 from lmforge.generate import GenerationConfig
 from lmforge.generate.sampling import (
     PAD,
+    apply_presence_frequency_penalty,
     apply_repetition_penalty,
     apply_temperature,
     ban_repeated_ngrams,
     min_p_filter,
     next_tokens,
     process_logits,
+    sequence_generator,
+    token_logprobs,
     top_k_filter,
     top_p_filter,
 )
@@ -163,3 +166,43 @@ def test_every_token_banned_is_a_clear_error():
     ids = torch.tensor([[0, 1, 2, 0, 1, 2]])
     with pytest.raises(LmforgeError, match="no_repeat_ngram_size=1"):
         next_tokens(torch.zeros(1, 3), ids, GenerationConfig(no_repeat_ngram_size=1))
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens_only():
+    logits = random_logits()
+    ids = torch.tensor([[3, 3, 3, 7, PAD, 3, 9, 9]]).expand(B, -1)  # the prompt is the first 4
+    config = GenerationConfig(do_sample=False, presence_penalty=0.5, frequency_penalty=0.25)
+    out = process_logits(logits, ids, config, prompt_len=4)
+    expected = logits.clone()
+    expected[:, 3] -= 0.5 + 0.25  # once after the prompt
+    expected[:, 9] -= 0.5 + 2 * 0.25
+    assert torch.allclose(out, expected)
+    assert torch.equal(apply_presence_frequency_penalty(logits, ids[:, :0], 1.0, 1.0), logits)
+
+
+@pytest.mark.parametrize("field", ["presence_penalty", "frequency_penalty"])
+def test_openai_penalties_are_validated(field):
+    with pytest.raises(LmforgeError, match=rf"{field} must be in \[-2, 2\]"):
+        GenerationConfig(**{field: 2.5})
+    with pytest.raises(LmforgeError, match="not to beam search"):
+        GenerationConfig(do_sample=False, num_beams=2, **{field: 1.0})
+
+
+def test_a_row_with_its_own_generator_draws_as_a_batch_of_one():
+    logits, ids, config = random_logits(1.0), random_ids(), GenerationConfig()
+    seeds = [sequence_generator(3, r) for r in range(B)]
+    batch = next_tokens(logits, ids, config, seeds)
+    alone = [next_tokens(logits[r : r + 1], ids[r : r + 1], config, sequence_generator(3, r)) for r in range(B)]
+    assert batch.tolist() == torch.cat(alone).tolist()
+    # seed + choice: choice 0 is a plain generator with the seed
+    assert torch.equal(sequence_generator(3, 2).get_state(), torch.Generator().manual_seed(5).get_state())
+
+
+def test_token_logprobs_are_the_raw_distribution():
+    logits = random_logits()
+    chosen = logits.argmin(dim=-1)
+    lp, top_values, top_ids = token_logprobs(logits, chosen, 3)
+    expected = logits.log_softmax(-1)
+    assert torch.allclose(lp, expected.gather(1, chosen[:, None])[:, 0])
+    best = expected.topk(3)
+    assert torch.equal(top_ids, best.indices) and torch.allclose(top_values, best.values)

@@ -1,0 +1,91 @@
+"""The real app with its guards on: API keys, rate limit, limits, metrics, the chat page, and a
+64-client streaming load whose every stream equals its offline result."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx
+import pytest
+
+from lmforge.serve.app import create_app
+from lmforge.serve.protocol import ServerLimits
+from lmforge.serve.security import ApiKeys
+from tests.serve.test_app import MODEL, ckpt, offline, serving  # noqa: F401  (ckpt is a fixture)
+
+openai = pytest.importorskip("openai")
+KEY = "sk-test-123"
+
+
+@pytest.fixture(scope="module")
+def guarded(ckpt):  # noqa: F811
+    app = create_app(ckpt, model_name=MODEL, max_batch_size=8, max_queue=128,
+                     limits=ServerLimits(max_n=2, max_tokens=20, max_body_bytes=4096),
+                     api_keys=ApiKeys([KEY, "sk-other"]), requests_per_minute=None)
+    with serving(app) as url:
+        yield url
+
+
+def test_keys_guard_v1_and_metrics_but_not_health_or_the_page(guarded):
+    assert httpx.get(f"{guarded}/health").status_code == 200
+    page = httpx.get(f"{guarded}/")
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    assert httpx.get(f"{guarded}/static/app.js").status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic " + KEY}):
+        r = httpx.get(f"{guarded}/v1/models", headers=headers)
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert httpx.get(f"{guarded}/metrics", headers=headers).status_code == 401
+    ok = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.get(f"{guarded}/v1/models", headers=ok).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{guarded}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_limits_and_metrics(guarded):
+    ok = {"Authorization": f"Bearer {KEY}"}
+    post = lambda body: httpx.post(f"{guarded}/v1/completions", json={"model": MODEL, **body}, headers=ok)  # noqa: E731
+    assert post({"prompt": "the", "n": 3}).status_code == 400  # over max_n
+    assert post({"prompt": "the", "max_tokens": 21}).status_code == 400  # over the max_tokens cap
+    assert post({"prompt": ""}).status_code == 400  # empty prompt
+    assert post({"prompt": "x" * 5000}).status_code == 413  # body over 4096 bytes
+    r = httpx.post(f"{guarded}/v1/completions", content=b"{not json", headers={**ok, "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert post({"prompt": "the", "max_tokens": 5, "temperature": 0}).status_code == 200
+    text = httpx.get(f"{guarded}/metrics", headers=ok).text
+    for name in ("lmforge_requests_total", "lmforge_queue_depth", "lmforge_running_sequences",
+                 "lmforge_time_to_first_token_seconds", "lmforge_inter_token_latency_seconds",
+                 "lmforge_generation_tokens_total"):
+        assert name in text, name
+    assert 'status="413"' in text and 'status="200"' in text
+
+
+def test_rate_limit_per_key(ckpt):  # noqa: F811
+    app = create_app(ckpt, model_name=MODEL, api_keys=ApiKeys([KEY]), requests_per_minute=2)
+    with serving(app) as url:
+        codes = [httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code
+                 for _ in range(3)]
+        assert codes[:2] == [200, 200] and codes[2] == 429
+        r = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+
+
+def test_64_concurrent_streams_all_complete_and_equal_offline(guarded, ckpt):  # noqa: F811
+    client = openai.OpenAI(base_url=f"{guarded}/v1", api_key=KEY, max_retries=0, timeout=120)
+    prompts = [f"{w} {i}" for i, w in enumerate(["the", "a quick", "pack my", "how", "model"] * 13)][:64]
+
+    def stream(i: int) -> tuple[str, str]:
+        chunks = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=12, temperature=0.9,
+                                           seed=i, stream=True)
+        text, finish = "", None
+        for chunk in chunks:
+            text += chunk.choices[0].text
+            finish = chunk.choices[0].finish_reason or finish
+        return text, finish
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(stream, range(64), timeout=180))
+    for i, (text, finish) in enumerate(results):
+        [expected] = offline(ckpt, prompts[i], max_new_tokens=12, temperature=0.9, seed=i)
+        assert text == expected.text, i
+        assert finish in ("stop", "length")
