@@ -67,7 +67,7 @@ def test_finetune_seq2seq_from_the_cli(tmp_path, seq2seq_run):
     assert lmforge("translate", tmp_path / "ft", "--text", "ein ball").stdout.strip()
 
 
-def test_seq2seq_errors_are_one_line(tmp_path, seq2seq_run):
+def test_seq2seq_bad_input_gets_one_line(tmp_path, seq2seq_run):
     (tmp_path / "a.txt").write_text("eins\nzwei\n")
     (tmp_path / "b.txt").write_text("one\n")
     result = lmforge("prepare", "--data", tmp_path / "a.txt", "--target", tmp_path / "b.txt", "--out",

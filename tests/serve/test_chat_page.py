@@ -327,3 +327,44 @@ def test_an_error_body_is_shown(server, browser):
     assert "400" in by_id(browser, "status").text
     assert "error" in by_id(browser, "status").get_attribute("class")
     assert by_id(browser, "send").is_enabled()
+
+
+def test_the_page_on_the_real_server(browser, tmp_path):
+    """The page served by `lmforge serve`'s own app, a tiny random GPT behind it: the streamed reply
+    appears and equals what the API answers for the same (greedy) request."""
+    import httpx
+    import torch
+
+    from lmforge.checkpoint import Checkpoint
+    from lmforge.serve.app import create_app
+    from lmforge.serve.security import ApiKeys
+    from lmforge.tokenizer import train_tokenizer
+    from tests.conftest import SAMPLE_TEXT, tiny_gpt
+    from tests.serve.test_app import serving
+
+    tokenizer = train_tokenizer("bpe", [SAMPLE_TEXT], vocab_size=300)
+    torch.manual_seed(0)
+    ckpt = Checkpoint(model=tiny_gpt(tokenizer.vocab_size, block_size=64), tokenizer=tokenizer)
+    with serving(create_app(ckpt, model_name=MODEL, api_keys=ApiKeys([KEY]))) as url:
+        open_page_with_key(browser, url + "/")
+        by_id(browser, "clear").click()
+        for field, value in (("max-tokens", "12"), ("seed", "3")):
+            box = by_id(browser, field)
+            box.clear()
+            box.send_keys(value)
+        browser.execute_script(
+            "const t = document.getElementById('temperature'); t.value = '0';"
+            "t.dispatchEvent(new Event('input')); t.dispatchEvent(new Event('change'));"
+        )
+        send_message(browser, "The quick brown fox")
+        wait(browser, lambda d: by_id(d, "send").is_enabled() and assistant_bubbles(d), timeout=60,
+             message="no reply from the real server")
+        reply = assistant_bubbles(browser)[-1].text
+        assert by_id(browser, "status").text == "", by_id(browser, "status").text
+        expected = httpx.post(
+            f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+            json={"model": MODEL, "messages": [{"role": "user", "content": "The quick brown fox"}],
+                  "temperature": 0, "max_tokens": 12, "seed": 3},
+        ).json()["choices"][0]["message"]["content"]
+        assert reply == expected.strip() or reply == expected
+        assert browser.save_screenshot(str(tmp_path / "real.png"))
