@@ -36,6 +36,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         val_fraction=args.val_fraction, text_field=args.text_field, sentinels=args.sentinels,
         target=args.target, source_field=args.source_field, target_field=args.target_field,
         val_source=args.val_data, val_target=args.val_target, max_length=args.max_length,
+        separate_tokenizers=args.separate_tokenizers,
     )
     manifest = prepare(config, args.out, progress=not args.no_progress)
     if manifest.get("format") == "parallel":

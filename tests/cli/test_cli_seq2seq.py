@@ -90,7 +90,7 @@ def test_separate_tokenizers_from_the_cli(tmp_path):
     src, tgt = write_aligned(tmp_path, toy_pairs(200))
     out = lmforge("prepare", "--data", src, "--target", tgt, "--separate-tokenizers", "--vocab-size", 280,
                   "--out", tmp_path / "d", "--no-progress")
-    assert "source +" in out.stdout and "target" in out.stdout
+    assert "bpe vocab 280 source + 280 target" in out.stdout, out.stdout
     lmforge("train", "--data", tmp_path / "d", "--out", tmp_path / "r", "--no-progress",
             "--set", *TINY, "train.max_iters=2", "train.eval_interval=2")
     assert (tmp_path / "r" / "last" / "source_tokenizer" / "tokenizer.json").is_file()

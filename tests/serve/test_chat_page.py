@@ -360,7 +360,8 @@ def test_the_page_on_the_real_server(browser, tmp_path):
         wait(browser, lambda d: by_id(d, "send").is_enabled() and assistant_bubbles(d), timeout=60,
              message="no reply from the real server")
         reply = assistant_bubbles(browser)[-1].text
-        assert by_id(browser, "status").text == "", by_id(browser, "status").text
+        # 12 tokens rarely reach an end of text: the page says why the reply stopped
+        assert by_id(browser, "status").text in ("", "Stopped at max_tokens."), by_id(browser, "status").text
         expected = httpx.post(
             f"{url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
             json={"model": MODEL, "messages": [{"role": "user", "content": "The quick brown fox"}],
