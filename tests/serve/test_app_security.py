@@ -89,3 +89,35 @@ def test_64_concurrent_streams_all_complete_and_equal_offline(guarded, ckpt):  #
         [expected] = offline(ckpt, prompts[i], max_new_tokens=12, temperature=0.9, seed=i)
         assert text == expected.text, i
         assert finish in ("stop", "length")
+
+
+def test_fuzzed_requests_never_crash_or_wedge_the_real_server(ckpt):  # noqa: F811
+    """Hypothesis bodies (tests.serve.test_protocol's strategy) against the real app and engine:
+    every answer is a success or an OpenAI-shaped 4xx, and afterwards nothing is left running."""
+    import json
+
+    from fastapi.testclient import TestClient
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from tests.serve.test_protocol import bodies, json_values
+
+    app = create_app(ckpt, model_name="tiny", max_batch_size=4, limits=ServerLimits(max_tokens=8))
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+
+        @settings(max_examples=80, deadline=None,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+        @given(body=bodies | json_values, chat_route=st.booleans())
+        def fuzz(body, chat_route):
+            route = "/v1/chat/completions" if chat_route else "/v1/completions"
+            r = client.post(route, content=json.dumps(body), headers={"content-type": "application/json"})
+            assert r.status_code in (200, 400, 404, 413, 422), r.text
+            if r.status_code != 200:
+                assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+        fuzz()
+        engine = app.state.engine
+        assert engine.running == 0 and engine.queue_depth == 0
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
