@@ -31,7 +31,7 @@ interpreter (and the CPU cores) with both servers; both settings pay that cost a
 `--rounds` > 1 each c runs batched and unbatched alternately, in alternating order, and the
 median round's tok/s and req/s are reported (latency percentiles pool every round's requests).
 
-    python bench/serve_load.py                       # ~3-5 minutes on 2 Zen4 cores (see below)
+    python bench/serve_load.py                       # ~3 minutes on 2 EPYC cores
     python bench/serve_load.py --clients 1 4 --requests 8 --max-tokens 16      # a quick check
     python bench/serve_load.py --ckpt runs/shakespeare --rounds 3 --json serve_load.json
 """
