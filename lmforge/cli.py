@@ -729,7 +729,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching) and chat page")
-    p.add_argument("checkpoint", help="GPT checkpoint, run folder, or Hugging Face GPT-2 folder")
+    p.add_argument("checkpoint", help="GPT (generation) or BERT (embeddings, classify, fill-mask) "
+                                      "checkpoint, run folder, or Hugging Face GPT-2/BERT folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", action="append",

@@ -33,6 +33,7 @@ from fastapi.staticfiles import StaticFiles
 from lmforge.checkpoint import Checkpoint, load_checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.generate.config import GenerationConfig
+from lmforge.models.bert import Bert
 from lmforge.serve.engine import Engine, Event, QueueFull, SequenceHandle, openai_finish_reason
 from lmforge.serve.metrics import MetricsMiddleware, ServerMetrics, TokenTimer
 from lmforge.serve.protocol import (
@@ -149,8 +150,10 @@ def create_app(
     `requests_per_minute` rate-limits each key (each client address without keys)."""
     if not isinstance(ckpt, Checkpoint):
         ckpt = load_checkpoint(ckpt)
-    owns_engine = engine is None
-    if engine is None:
+    # an encoder (BERT) serves embeddings, classification and fill-mask; a GPT generates
+    encoder = isinstance(ckpt.model, Bert)
+    owns_engine = engine is None and not encoder
+    if engine is None and not encoder:
         engine = Engine(ckpt.model, ckpt.tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
     name = model_name or (ckpt.path.name if ckpt.path is not None else "lmforge")
     tokenizer = ckpt.tokenizer
@@ -166,7 +169,8 @@ def create_app(
     limits = limits or ServerLimits()
     vocab_size = ckpt.model.config.vocab_size
     metrics = ServerMetrics()
-    metrics.bind_engine(lambda: engine.queue_depth, lambda: engine.running)
+    if engine is not None:
+        metrics.bind_engine(lambda: engine.queue_depth, lambda: engine.running)
 
     app = FastAPI(title="lmforge", lifespan=lifespan)
     app.state.engine, app.state.model_name, app.state.chat_template = engine, name, template
@@ -178,20 +182,28 @@ def create_app(
     if (api_keys is not None and api_keys.enabled) or requests_per_minute:
         install_security(app, api_keys or ApiKeys([]), requests_per_minute, public_metrics)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    @app.get("/", include_in_schema=False)
-    async def chat_page() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html")
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
+    if encoder:
+        from lmforge.serve.encoder_routes import add_encoder_routes
+
+        add_encoder_routes(app, ckpt, name, limits, created)
+        return app
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html")
+
 
     @app.get("/v1/models")
     async def models() -> dict:
