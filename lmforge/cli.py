@@ -513,7 +513,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         request_timeout=args.request_timeout, limits=limits, api_keys=keys,
         requests_per_minute=args.rate_limit, public_metrics=args.public_metrics,
     )
-    print(f"serving {app.state.model_name!r} on http://{args.host}:{args.port} (chat page at /, OpenAI API at /v1)"
+    routes = "chat page at /, OpenAI API at /v1" if app.state.engine is not None else "API at /v1"
+    print(f"serving {app.state.model_name!r} on http://{args.host}:{args.port} ({routes})"
           + ("; API key required" if keys.enabled else ""))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
@@ -729,8 +730,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching) and chat page")
-    p.add_argument("checkpoint", help="GPT (generation) or BERT (embeddings, classify, fill-mask) "
-                                      "checkpoint, run folder, or Hugging Face GPT-2/BERT folder")
+    p.add_argument("checkpoint", help="GPT (generation), BERT (embeddings, classify, fill-mask) or "
+                                      "encoder-decoder (completions = translation) checkpoint or HF folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", action="append",

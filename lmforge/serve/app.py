@@ -34,6 +34,7 @@ from lmforge.checkpoint import Checkpoint, load_checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.generate.config import GenerationConfig
 from lmforge.models.bert import Bert
+from lmforge.models.encoder_decoder import EncoderDecoder
 from lmforge.serve.engine import Engine, Event, QueueFull, SequenceHandle, openai_finish_reason
 from lmforge.serve.metrics import MetricsMiddleware, ServerMetrics, TokenTimer
 from lmforge.serve.protocol import (
@@ -152,8 +153,9 @@ def create_app(
         ckpt = load_checkpoint(ckpt)
     # an encoder (BERT) serves embeddings, classification and fill-mask; a GPT generates
     encoder = isinstance(ckpt.model, Bert)
-    owns_engine = engine is None and not encoder
-    if engine is None and not encoder:
+    seq2seq = isinstance(ckpt.model, EncoderDecoder)
+    owns_engine = engine is None and not (encoder or seq2seq)
+    if engine is None and not (encoder or seq2seq):
         engine = Engine(ckpt.model, ckpt.tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
     name = model_name or (ckpt.path.name if ckpt.path is not None else "lmforge")
     tokenizer = ckpt.tokenizer
@@ -196,6 +198,11 @@ def create_app(
         from lmforge.serve.encoder_routes import add_encoder_routes
 
         add_encoder_routes(app, ckpt, name, limits, created)
+        return app
+    if seq2seq:
+        from lmforge.serve.seq2seq_routes import add_seq2seq_routes
+
+        add_seq2seq_routes(app, ckpt, name, limits, created)
         return app
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -121,3 +121,20 @@ def test_fuzzed_requests_never_crash_or_wedge_the_real_server(ckpt):  # noqa: F8
         assert engine.running == 0 and engine.queue_depth == 0
         r = client.post("/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 4})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_openapi_schema_describes_what_the_server_accepts(guarded):
+    schema = httpx.get(f"{guarded}/openapi.json").json()
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health"):
+        assert path in schema["paths"], path
+    components = schema["components"]["schemas"]
+    completion = components["CompletionRequest"]
+    assert completion["additionalProperties"] is False  # unknown fields are refused, as served
+    assert {"model", "prompt", "max_tokens", "temperature", "n", "stream", "logprobs", "echo",
+            "top_k", "min_p", "repetition_penalty"} <= set(completion["properties"])
+    temperature = completion["properties"]["temperature"]
+    assert temperature.get("maximum") == 2 and temperature.get("minimum") == 0
+    # an unknown field named in the schema's terms is refused with 422, as the schema says
+    r = httpx.post(f"{guarded}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": MODEL, "prompt": "x", "logit_bias": {}})
+    assert r.status_code == 422

@@ -75,3 +75,31 @@ def test_classify_and_fill_mask(tokenizer):
         assert [c["token"] for c in r["data"][0]["masks"][0]] == [c["token"] for c in want[0]]
         r = httpx.post(f"{url}/v1/fill-mask", json={"model": "mlm", "input": "no mask here"})
         assert r.status_code == 400 and "[MASK]" in r.json()["error"]["message"]
+
+
+def test_an_encoder_decoder_translates_through_completions(tmp_path):
+    from lmforge.data import PrepareConfig, open_data, prepare
+    from lmforge.generate import GenerationConfig, translate
+    from lmforge.models import ENCDEC_PRESETS, EncoderDecoder, EncoderDecoderConfig
+    from tests.data.test_parallel import toy_pairs, write_aligned
+
+    src, tgt = write_aligned(tmp_path, toy_pairs(100))
+    prepare(PrepareConfig(source=str(src), target=str(tgt), vocab_size=300), tmp_path / "d", progress=False)
+    tok = open_data(tmp_path / "d").tokenizer
+    torch.manual_seed(0)
+    config = EncoderDecoderConfig(**{**ENCDEC_PRESETS["t5-tiny"], "n_layer": 1, "n_head": 2, "n_embd": 32,
+                                     "mlp_hidden": 64, "vocab_size": tok.vocab_size, "eos_token_id": tok.eos_id})
+    ckpt = Checkpoint(model=EncoderDecoder(config).eval(), tokenizer=tok)
+    with serving(create_app(ckpt, model_name="mt")) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        out = client.completions.create(model="mt", prompt="ein hund", max_tokens=6, temperature=0)
+        [want] = translate(ckpt.model, tok, "ein hund", GenerationConfig(do_sample=False, max_new_tokens=6))
+        assert out.choices[0].text == want.text and out.usage.prompt_tokens == len(want.prompt_ids)
+        stream = client.completions.create(model="mt", prompt="ein hund", max_tokens=6, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in stream) == want.text
+        sampled = client.completions.create(model="mt", prompt="ein hund", max_tokens=6, n=2, seed=4)
+        offline = translate(ckpt.model, tok, "ein hund", GenerationConfig(max_new_tokens=6, seed=4,
+                                                                          num_return_sequences=2))
+        assert [c.text for c in sampled.choices] == [o.text for o in offline]
+        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "mt", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 400 and "encoder-decoder" in r.json()["error"]["message"]
