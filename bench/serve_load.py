@@ -45,20 +45,18 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
-import uvicorn  # noqa: E402
 
 from lmforge.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from lmforge.models.gpt import GPT, GPT_PRESETS, GPTConfig  # noqa: E402
-from lmforge.serve.app import create_app  # noqa: E402
+from lmforge.serve.app import create_app, serve_in_thread  # noqa: E402
 from lmforge.tokenizer import train_tokenizer  # noqa: E402
 
 MODEL = "bench"
@@ -88,26 +86,6 @@ def build_checkpoint(args) -> Checkpoint:
     torch.manual_seed(0)
     config = GPTConfig(**GPT_PRESETS["gpt-mini"], vocab_size=tokenizer.vocab_size, dropout=0.0)
     return Checkpoint(model=GPT(config).to(args.device).eval(), tokenizer=tokenizer)
-
-
-@contextmanager
-def serving(app):
-    """The app on a free loopback port, in a background thread; yields its base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(60)
 
 
 # --- the clients ---------------------------------------------------------------------------------
@@ -337,7 +315,7 @@ def main() -> None:
     with ExitStack() as stack:
         urls = {
             s: stack.enter_context(
-                serving(create_app(ckpt, model_name=MODEL, max_batch_size=b, max_queue=max_queue))
+                serve_in_thread(create_app(ckpt, model_name=MODEL, max_batch_size=b, max_queue=max_queue))
             )
             for s, b in batch_sizes.items()
         }

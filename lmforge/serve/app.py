@@ -22,7 +22,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +43,12 @@ from lmforge.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     ServerLimits,
+    check_context,
     check_limits,
     check_model,
     error_body,
     install_error_handlers,
-    resolve_max_tokens,
+    to_generation_config,
 )
 from lmforge.serve.security import ApiKeys, install_security
 from lmforge.tokenizer import TOKENIZER_CONFIG_FILE
@@ -225,11 +226,9 @@ def create_app(
         check_limits(body, limits, vocab_size)
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs (scoring the prompt) is not supported yet", param="echo")
-        prompts = _completion_prompts(body.prompt, tokenizer)
-        longest = max(map(len, prompts))
-        max_tokens = resolve_max_tokens(body, longest, limits, engine.max_len)
-        config = _generation_config(body, max_tokens, longest, engine.max_len)
-        metrics.add_prompt_tokens(sum(map(len, prompts)))
+        prompts = [_completion_prompt(body.prompt, tokenizer)]
+        config = _generation_config(body, len(prompts[0]), limits, engine.max_len)
+        metrics.add_prompt_tokens(len(prompts[0]))
         choices = _Choices(engine, prompts, config, body.n, body.logprobs, request_timeout, metrics)
         reply = _Reply("cmpl", "text_completion", name, prompts, body.n)
         if body.stream:
@@ -245,8 +244,7 @@ def create_app(
         prompt = _encode(template.render(messages), tokenizer)
         stop = body.stop_list
         stop += [s for s in template.stop if s not in stop]
-        max_tokens = resolve_max_tokens(body, len(prompt), limits, engine.max_len)
-        config = _generation_config(body, max_tokens, len(prompt), engine.max_len, stop)
+        config = _generation_config(body, len(prompt), limits, engine.max_len, stop)
         metrics.add_prompt_tokens(len(prompt))
         top = (body.top_logprobs or 0) if body.logprobs else None
         choices = _Choices(engine, [prompt], config, body.n, top, request_timeout, metrics)
@@ -257,6 +255,30 @@ def create_app(
         return reply.chat(choices, tokenizer)
 
     return app
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0):
+    """Run `app` under uvicorn in a background thread (port 0: a free one) and yield its base URL;
+    the server stops when the block ends. For tests, benchmarks and embedding in a program."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
 
 
 def _encode(text: str, tokenizer) -> list[int]:
@@ -274,49 +296,21 @@ def _encode(text: str, tokenizer) -> list[int]:
     return ids
 
 
-def _completion_prompts(prompt: str | list, tokenizer) -> list[list[int]]:
-    """OpenAI's four prompt forms: a string, strings, token ids, lists of token ids."""
-    if isinstance(prompt, str):
-        return [_encode(prompt, tokenizer)]
-    if not prompt:
-        raise APIError(400, "prompt is empty", param="prompt")
-    if all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    return [_encode(p, tokenizer) if isinstance(p, str) else list(p) or _encode("", tokenizer)
-            for p in prompt]
+def _completion_prompt(prompt: str | list[int], tokenizer) -> list[int]:
+    """The prompt's token ids: `protocol.CompletionRequest` leaves one text or one list of ids."""
+    return _encode(prompt, tokenizer) if isinstance(prompt, str) else list(prompt)
 
 
 def _generation_config(
-    body: _Sampling, max_tokens: int | None, prompt_len: int, max_len: int,
-    stop: list[str] | None = None,
+    body: _Sampling, prompt_len: int, limits: ServerLimits, max_len: int, stop: list[str] | None = None
 ) -> GenerationConfig:
-    """The request's sampling fields as the GenerationConfig offline `generate` would take."""
-    room = max_len - prompt_len
-    if max_tokens is None:
-        max_tokens = room
-    if max_tokens > room or room < 1:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {max_len} tokens. However, you requested "
-            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
-            "completion). Please reduce the prompt or max_tokens.",
-            param="max_tokens", code="context_length_exceeded",
-        )
-    greedy = body.temperature == 0
+    """The request's sampling fields as the GenerationConfig offline `generate` would take, once
+    the prompt and the completion are known to fit the context."""
+    kwargs = to_generation_config(body, check_context(body, prompt_len, limits, max_len))
+    if stop is not None:
+        kwargs["stop"] = stop
     try:
-        return GenerationConfig(
-            max_new_tokens=max_tokens,
-            do_sample=not greedy,
-            temperature=1.0 if greedy or body.temperature is None else body.temperature,
-            top_p=body.top_p if body.top_p is not None and body.top_p < 1 else None,
-            top_k=body.top_k if body.top_k is not None and body.top_k > 0 else None,
-            min_p=body.min_p or None,
-            repetition_penalty=body.repetition_penalty or 1.0,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-            stop=body.stop_list if stop is None else stop,
-            seed=body.seed,
-        )
+        return GenerationConfig(**kwargs)
     except LmforgeError as e:
         raise _bad_config(e) from e
 

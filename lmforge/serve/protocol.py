@@ -341,13 +341,20 @@ def check_request(
     context_len: int,
     vocab_size: int | None = None,
 ) -> None:
-    """Raise `APIError` when `req` cannot be served: the checks of `check_limits`, then the context.
+    """Raise `APIError` when `req` cannot be served: the checks of `check_limits`, then those of
+    `check_context`."""
+    check_limits(req, limits, vocab_size)
+    check_context(req, prompt_token_count, limits, context_len)
+
+
+def check_context(req: Request, prompt_token_count: int, limits: ServerLimits, context_len: int) -> int:
+    """Raise `APIError` unless the tokenized prompt and the completion fit the model's context;
+    return the number of new tokens to generate (`resolve_max_tokens`).
 
     `prompt_token_count` is the tokenized prompt's length (for chat, the rendered conversation's),
     `context_len` the model's context (block_size). The prompt must leave room for at least one
     token, and prompt + max_tokens must fit in the context.
     """
-    check_limits(req, limits, vocab_size)
     param = _prompt_param(req)
     if prompt_token_count == 0:
         raise APIError(
@@ -378,6 +385,7 @@ def check_request(
             param=name,
             code="context_length_exceeded",
         )
+    return max_tokens
 
 
 def to_generation_config(req: Request, max_new_tokens: int | None = None) -> dict[str, Any]:
@@ -605,6 +613,7 @@ __all__ = [
     "CompletionRequest",
     "ServerLimits",
     "StreamOptions",
+    "check_context",
     "check_limits",
     "check_model",
     "check_request",

@@ -11,7 +11,6 @@ chunk when it is done, then `data: [DONE]`. logprobs and echo are not offered he
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import threading
 import time
@@ -28,12 +27,12 @@ from lmforge.serve.protocol import (
     ServerLimits,
     check_limits,
     check_model,
+    to_generation_config,
 )
 
 
 def add_seq2seq_routes(app: FastAPI, ckpt: Checkpoint, name: str, limits: ServerLimits, created: int) -> None:
-    from lmforge.generate.seq2seq import translate
-    from lmforge.serve.app import _generation_config
+    from lmforge.generate import GenerationConfig, translate
 
     model, tokenizer = ckpt.model, ckpt.tokenizer
     c = model.config
@@ -54,10 +53,16 @@ def add_seq2seq_routes(app: FastAPI, ckpt: Checkpoint, name: str, limits: Server
                            param="echo" if body.echo else "logprobs")
         if not isinstance(body.prompt, str):
             raise APIError(400, "an encoder-decoder takes its source as text", param="prompt")
-        # the source is not the decoder's context: max_tokens only has to fit the decoder
-        config = dataclasses.replace(
-            _generation_config(body, body.max_tokens or 16, 1, max_len), num_return_sequences=body.n
-        )
+        # the source is not the decoder's context: the completion only has to fit the decoder
+        kwargs = to_generation_config(body)  # n choices are num_return_sequences
+        if c.position != "relative" and kwargs["max_new_tokens"] + 1 > max_len:  # + the start token
+            raise APIError(400, f"max_tokens must be at most {max_len - 1} for this model's "
+                                f"{max_len} decoder positions, got {kwargs['max_new_tokens']}",
+                           param="max_tokens", code="context_length_exceeded")
+        try:
+            config = GenerationConfig(**kwargs)
+        except LmforgeError as e:
+            raise APIError(400, str(e)) from e
 
         def run():
             with lock:

@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -15,7 +13,7 @@ import torch
 from lmforge.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from lmforge.generate import GenerationConfig, generate
 from lmforge.serve import Engine
-from lmforge.serve.app import DEFAULT_CHAT_STOP, ChatTemplate, create_app
+from lmforge.serve.app import DEFAULT_CHAT_STOP, ChatTemplate, create_app, serve_in_thread
 from lmforge.tokenizer import TOKENIZER_CONFIG_FILE, train_tokenizer
 from tests.conftest import SAMPLE_TEXT, tiny_gpt
 
@@ -25,22 +23,7 @@ uvicorn = pytest.importorskip("uvicorn")
 MODEL = "tiny"
 
 
-@contextmanager
-def serving(app):
-    """The app on a free loopback port, in a background thread; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
+serving = serve_in_thread  # the app on a free loopback port; yields its base URL
 
 
 @pytest.fixture(scope="module")

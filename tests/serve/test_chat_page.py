@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import struct
 import threading
 import time
@@ -125,25 +124,11 @@ def make_fake_app(state: dict):
 
 @pytest.fixture(scope="module")
 def server():
-    import uvicorn
+    from lmforge.serve.app import serve_in_thread
 
     state = {"requests": [], "cancelled": threading.Event()}
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(make_fake_app(state), log_level="warning", lifespan="off")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline, "the fake server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/", state
-    srv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with serve_in_thread(make_fake_app(state)) as url:
+        yield f"{url}/", state
 
 
 @pytest.fixture(scope="module")
@@ -337,10 +322,10 @@ def test_the_page_on_the_real_server(browser, tmp_path):
 
     from lmforge.checkpoint import Checkpoint
     from lmforge.serve.app import create_app
+    from lmforge.serve.app import serve_in_thread as serving
     from lmforge.serve.security import ApiKeys
     from lmforge.tokenizer import train_tokenizer
     from tests.conftest import SAMPLE_TEXT, tiny_gpt
-    from tests.serve.test_app import serving
 
     tokenizer = train_tokenizer("bpe", [SAMPLE_TEXT], vocab_size=300)
     torch.manual_seed(0)
