@@ -25,7 +25,7 @@ from lmforge.errors import LmforgeError
 from lmforge.generate.beam import Hypothesis, beam_search
 from lmforge.generate.config import GenerationConfig
 from lmforge.generate.engine import Generation, StepCallback, _decoding, _Detokenizer, fill_streams
-from lmforge.generate.sampling import next_tokens
+from lmforge.generate.sampling import next_tokens, sequence_generator
 from lmforge.models.encoder_decoder import EncoderDecoder
 from lmforge.nn import CrossKV, KVCache
 
@@ -189,11 +189,9 @@ def _decode(
         (B, total), model.config.decoder_start_token_id, dtype=torch.long, device=device
     )
 
-    generator = torch.Generator(device=device)
-    if config.seed is not None:
-        generator.manual_seed(config.seed)
-    else:
-        generator.seed()  # fresh entropy, leaving the global RNG alone
+    # one random stream per row (seed + its index among its source's rows), as offline decoder-only
+    # generation does: a source's samples do not depend on the sources batched with it
+    generators = [sequence_generator(config.seed, r % n, device) for r in range(B)] if config.do_sample else None
     cache = model.new_kv_cache(B, total) if config.use_cache else None
 
     out: list[list[int]] = [[] for _ in range(B)]
@@ -206,7 +204,9 @@ def _decode(
         # finished rows are still fed (the start token), but sample nothing and stay frozen
         alive = torch.tensor([not d for d in done], device=device)
         new = tokens[:, t]  # a view: filling it writes the history
-        new[alive] = next_tokens(logits[alive], tokens[alive, :t], config, generator)
+        live = [g for g, d in zip(generators, done) if not d] if generators else None
+        # the start token opens every history and is not a generated token (presence/frequency)
+        new[alive] = next_tokens(logits[alive], tokens[alive, :t], config, live, prompt_len=1)
 
         step: list[int | None] = [None if d else tok for d, tok in zip(done, new.tolist())]
         for r, tok in enumerate(step):

@@ -556,3 +556,14 @@ def test_translate_refuses_bad_arguments(text_model, tokenizer):
             GREEDY,
             max_source_length=3,
         )
+
+
+def test_a_sampled_source_does_not_depend_on_its_batch():
+    """Each row samples from its own generator (seed + its index among its source's rows), so a
+    source sampled inside a padded batch gets the tokens it gets alone, as decoder-only sampling."""
+    model = tiny_encdec("transformer")
+    config = GenerationConfig(max_new_tokens=8, seed=11, num_return_sequences=2, top_k=20,
+                              presence_penalty=0.5)
+    together = generate_seq2seq_ids(model, SOURCES[:3], config)
+    for i, source in enumerate(SOURCES[:3]):
+        assert generate_seq2seq_ids(model, [source], config) == together[2 * i : 2 * i + 2]
