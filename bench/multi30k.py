@@ -21,32 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from lmforge.data import PrepareConfig, open_data, prepare  # noqa: E402
+from lmforge.data.parallel import read_lines  # noqa: E402
+from lmforge.eval import evaluate_generation  # noqa: E402
 from lmforge.models import ENCDEC_PRESETS, EncoderDecoderConfig  # noqa: E402
 from lmforge.train import DataConfig, TrainConfig, train  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "../shared/data/multi30k"
-
-
-def read_lines(path: Path) -> list[str]:
-    import gzip
-
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
-
-
-def score(hypotheses: list[str], references: list[str]) -> dict[str, float]:
-    import sacrebleu
-
-    return {
-        "bleu": round(sacrebleu.corpus_bleu(hypotheses, [references]).score, 2),
-        "chrf": round(sacrebleu.corpus_chrf(hypotheses, [references]).score, 2),
-    }
 
 
 def main() -> None:
@@ -97,7 +82,6 @@ def main() -> None:
 
     import lmforge
     from lmforge.generate import GenerationConfig
-    from lmforge.generate.seq2seq import translate
 
     ckpt = lmforge.load(run_dir)  # best/
     sources = read_lines(d / "test_2016_flickr.de.gz")[: args.limit]
@@ -110,14 +94,13 @@ def main() -> None:
             max_new_tokens=64, do_sample=False, num_beams=args.num_beams,
             length_penalty=args.length_penalty),
     }.items():
-        t0 = time.perf_counter()
-        outputs = translate(ckpt.model, ckpt.tokenizer, sources, config, batch_size=64)
-        seconds = time.perf_counter() - t0
-        hypotheses = [o.text.strip() for o in outputs]
-        results[name] = {**score(hypotheses, references), "decode_seconds": round(seconds, 1),
-                         "examples": hypotheses[:3]}
-        print(f"{name}: BLEU {results[name]['bleu']}, chrF {results[name]['chrf']} "
-              f"({len(sources)} sentences in {seconds:.0f}s)")
+        scores = evaluate_generation(ckpt.model, ckpt.tokenizer, sources, references, config,
+                                     metrics=("bleu", "chrf"), batch_size=64,
+                                     source_tokenizer=ckpt.source_tokenizer)
+        results[name] = {"bleu": scores["bleu"], "chrf": scores["chrf"],
+                         "decode_seconds": scores["seconds"], "examples": scores["hypotheses"][:3]}
+        print(f"{name}: BLEU {scores['bleu']}, chrF {scores['chrf']} "
+              f"({len(sources)} sentences in {scores['seconds']:.0f}s)")
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 

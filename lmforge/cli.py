@@ -325,7 +325,9 @@ def _eval_seq2seq(ckpt, args: argparse.Namespace) -> None:
     if not args.source or not args.reference:
         raise LmforgeError("an encoder-decoder is scored with --source FILE --reference FILE "
                            "(aligned, one sentence a line, gzip ok)")
-    sources, references = _read_lines(args.source), _read_lines(args.reference)
+    from lmforge.data.parallel import read_lines
+
+    sources, references = read_lines(args.source), read_lines(args.reference)
     config = generation_config_from_args(args, _seq2seq_max_new_tokens(ckpt.model, args.max_new_tokens))
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     result = evaluate_generation(ckpt.model, ckpt.tokenizer, sources, references, config,
@@ -341,21 +343,6 @@ def _eval_seq2seq(ckpt, args: argparse.Namespace) -> None:
     else:
         scores = ", ".join(f"{k} {result[k]:.2f}" for k in ("bleu", "chrf", "rouge1", "rouge2", "rougeL") if k in result)
         print(f"{args.source}: {scores} ({result['sentences']} sentences, {decoding}, {result['seconds']:.1f}s)")
-
-
-def _read_lines(path: str) -> list[str]:
-    """Lines of a text file (gzip ok), without their line ends; blank lines kept (they align)."""
-    import gzip
-
-    p = Path(path)
-    if not p.is_file():
-        raise LmforgeError(f"file {path!r} does not exist")
-    opener = gzip.open if p.suffix == ".gz" else open
-    try:
-        with opener(p, "rt", encoding="utf-8", newline="\n") as f:
-            return [line.rstrip("\r\n") for line in f]
-    except (OSError, UnicodeDecodeError) as e:
-        raise LmforgeError(f"cannot read {path!r} as UTF-8 text: {e}") from e
 
 
 # ---- encoders: fill-mask, embed ---------------------------------------------------------------

@@ -85,9 +85,15 @@ def read_pairs(
         yield clean_text(src).strip(), clean_text(tgt).strip()
 
 
+def read_lines(path: str | Path) -> list[str]:
+    """A text file's lines (gzip ok), without their line ends; blank lines kept, since they align
+    with the other side of a parallel corpus."""
+    return list(_lines(Path(path)))
+
+
 def _lines(path: Path) -> Iterator[str]:
     if not path.is_file():
-        raise LmforgeError(f"parallel data file {str(path)!r} does not exist")
+        raise LmforgeError(f"file {str(path)!r} does not exist")
     try:
         with _open_binary(path) as f:
             for raw in io.TextIOWrapper(f, encoding="utf-8", newline="\n"):
