@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--lr-decay-iters", type=int, default=None, help="default: --iters")
     ap.add_argument("--max-time", type=float, default=None, help="stop training after this many seconds")
     ap.add_argument("--batch-size", type=int, default=12)
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (min_lr is a tenth of it)")
+    ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     ap.add_argument("--out", type=Path, default=None, help="run folder (default: a temporary one)")
     ap.add_argument("--json", type=str, default=None, help="write the results to this file")
@@ -59,10 +61,10 @@ def main() -> None:
     model_config = GPTConfig(vocab_size=data.vocab_size, block_size=64, n_layer=4, n_head=4, n_embd=128,
                              dropout=0.0, bias=False)
     train_config = TrainConfig(
-        batch_size=args.batch_size, max_iters=args.iters, max_time=args.max_time, lr=1e-3, min_lr=1e-4,
+        batch_size=args.batch_size, max_iters=args.iters, max_time=args.max_time, lr=args.lr, min_lr=args.lr / 10,
         lr_schedule="cosine", warmup_iters=100, lr_decay_iters=args.lr_decay_iters or args.iters,
         weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0, eval_interval=250, eval_iters=20,
-        log_interval=50, precision=args.precision, seed=1337,
+        log_interval=50, precision=args.precision, seed=args.seed,
     )
     t0 = time.perf_counter()
     result = train(model_config, train_config, DataConfig(str(work / "data")), out, progress=False)

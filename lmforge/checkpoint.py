@@ -6,6 +6,10 @@
       tokenizer.json         + tokenizer_config.json (loadable by HF's PreTrainedTokenizerFast)
       state.pt               training state (optimizer, RNG, data position), only in RUN_DIR/last
 
+A quantized model (`lmforge.compress.quantize`) stores its layers' integer weights and scales as
+plain tensors; config.json's "quantization" section lists those layers, which `load_checkpoint`
+swaps in before loading.
+
 A training run directory holds `last/` and `best/` checkpoints beside its logs; anything that takes a
 checkpoint also takes the run directory (best, else last). Every checkpoint folder is written
 whole into a temporary folder and then renamed into place, so a crash mid-write leaves the
@@ -100,8 +104,19 @@ def save_checkpoint(
         "model": asdict(model.config),
         **(extra or {}),
     }
+    # imported here: lmforge.compress imports this module
+    from lmforge.compress.quantize import quantization_meta
+
+    meta.pop("quantization", None)  # read off the model, never carried over from `extra`
+    if (quantization := quantization_meta(model)) is not None:
+        meta["quantization"] = quantization
     with atomic_dir(directory) as tmp:
-        save_file(weights_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        tensors = weights_state_dict(model)
+        if "sparsity" in meta:  # pruned matrices stored as bitmask + values (lmforge.compress.prune)
+            from lmforge.compress.prune import encode_sparse
+
+            tensors = encode_sparse(tensors, meta["sparsity"])
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         tokenizer.save(tmp)
         if source_tokenizer is not None:
@@ -158,7 +173,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     model_cls, config_cls = MODEL_TYPES[model_type]
     config = from_dict(config_cls, meta["model"], section="model")
     model = model_cls(config)
-    load_weights(model, directory / WEIGHTS_FILE)
+    if "quantization" in meta:  # swap in empty quantized layers; the stored tensors fill them
+        from lmforge.compress.quantize import prepare_quantized
+
+        prepare_quantized(model, meta["quantization"], f"checkpoint {str(directory)!r}")
+    load_weights(model, directory / WEIGHTS_FILE, sparsity=meta.get("sparsity"))
     model.to(device).eval()
     source = directory / SOURCE_TOKENIZER_DIR
     return Checkpoint(
@@ -167,10 +186,18 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     )
 
 
-def load_weights(model: torch.nn.Module, weights_file: Path) -> None:
+def load_weights(model: torch.nn.Module, weights_file: Path, sparsity: dict[str, Any] | None = None) -> None:
+    """Copy a weights file into `model`; `sparsity` (config.json's section) names the tensors
+    stored compressed by magnitude pruning, decoded back to dense here."""
     if not weights_file.is_file():
         raise LmforgeError(f"missing weights file {str(weights_file)!r}")
-    copy_weights(model, load_file(str(weights_file)), f"weights in {str(weights_file)!r}")
+    where = f"weights in {str(weights_file)!r}"
+    tensors = load_file(str(weights_file))
+    if sparsity is not None:
+        from lmforge.compress.prune import decode_sparse
+
+        tensors = decode_sparse(tensors, sparsity, where)
+    copy_weights(model, tensors, where)
 
 
 def copy_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:

@@ -11,6 +11,9 @@
     lmforge embed CKPT --text ...       sentence embeddings (BERT)
     lmforge finetune --base CKPT ...    fine-tune BERT (classification, NER) or an encoder-decoder
     lmforge predict CKPT --text ...     labels or entities from a fine-tuned checkpoint
+    lmforge distill --teacher CKPT ...  distil a GPT or BERT teacher into a smaller student
+    lmforge prune CKPT --method M ...   remove weights, attention heads or MLP neurons (+ recovery)
+    lmforge quantize CKPT --scheme S    int8 / int4 weights (and int8 activations) for a smaller model
     lmforge convert SRC DST             lmforge <-> Hugging Face checkpoints
     lmforge serve CKPT                  OpenAI-compatible server with continuous batching
 
@@ -20,6 +23,7 @@ User errors (bad config, missing data, ...) print one line `lmforge: error: ...`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -196,7 +200,7 @@ def generation_config_from_args(args: argparse.Namespace, max_new_tokens: int):
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from lmforge.checkpoint import load_checkpoint
-    from lmforge.generate import generate
+    from lmforge.generate import SpeculativeStats, generate, inference_dtype
     from lmforge.train.trainer import resolve_device
 
     prompts = list(args.prompt or [])
@@ -204,14 +208,30 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompts += _read_prompt_file(args.prompt_file)
     if not prompts:
         raise LmforgeError("give at least one --prompt TEXT (or --prompt-file FILE, one prompt a line)")
-    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint, device=device)
     if _is_seq2seq(ckpt.model):  # the prompts are sources to translate
+        if args.draft or args.compile or args.dtype != "fp32":
+            raise LmforgeError("--draft, --compile and --dtype apply to decoder-only models (GPTs), "
+                               f"not to this {type(ckpt.model).__name__}")
         return _print_translations(ckpt, prompts, args)
+    draft = _load_draft(args, ckpt, device)
+    dtype = inference_dtype(args.dtype, device)
+    for model in (ckpt.model, draft):
+        if model is not None:
+            model.to(dtype)
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:  # 100, or what still fits in the context after the longest prompt
         longest = max(len(ids) for ids in ckpt.tokenizer.encode_batch(prompts))
-        max_new_tokens = max(1, min(100, ckpt.model.config.block_size - longest))
-    config = generation_config_from_args(args, max_new_tokens)
+        context = min(m.config.block_size for m in (ckpt.model, draft) if m is not None)
+        max_new_tokens = max(1, min(100, context - longest))
+    if draft is not None:  # speculative decoding is greedy, as beam search is
+        args.greedy = True
+    config = dataclasses.replace(
+        generation_config_from_args(args, max_new_tokens),
+        num_draft_tokens=args.num_draft_tokens, compile=args.compile,
+    )
+    stats = SpeculativeStats() if draft is not None else None
     # one sequence streams as it is generated; beam search has no final text until it ends
     stream = (
         not args.json and not args.no_stream and config.num_beams == 1
@@ -227,7 +247,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    results = generate(ckpt.model, ckpt.tokenizer, prompts, config, on_text=on_text if stream else None)
+    results = generate(ckpt.model, ckpt.tokenizer, prompts, config, on_text=on_text if stream else None,
+                       draft_model=draft, speculative_stats=stats)
+    if stats is not None:
+        print(f"speculative decoding: {stats}", file=sys.stderr)
     if args.json:
         print(json.dumps([
             {"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids, "prompt_ids": r.prompt_ids,
@@ -241,6 +264,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
         for i, r in enumerate(results):
             print(f"--- prompt {i // per_prompt + 1}, {kind} {i % per_prompt + 1} ({r.finish_reason}) ---")
             print(r.prompt + r.text)
+
+
+def _load_draft(args: argparse.Namespace, ckpt, device):
+    """The --draft checkpoint's model, or None; it must read the target's tokens."""
+    from lmforge.checkpoint import load_checkpoint
+    from lmforge.generate.speculative import check_draft_tokenizer
+
+    if not args.draft:
+        return None
+    draft = load_checkpoint(args.draft, device=device)
+    if _is_seq2seq(draft.model):
+        raise LmforgeError(f"the draft {args.draft!r} is an encoder-decoder; speculative decoding needs "
+                           "a decoder-only draft (a small GPT trained with the target's tokenizer)")
+    check_draft_tokenizer(ckpt.tokenizer, draft.tokenizer)
+    return draft.model
 
 
 def _is_seq2seq(model) -> bool:
@@ -453,6 +491,85 @@ def _finetune_seq2seq(args: argparse.Namespace) -> None:
           f"checkpoints in {result.run_dir}/best and {result.run_dir}/last")
 
 
+# ---- distill ---------------------------------------------------------------------------------
+# flags of `lmforge distill` and the config key each sets: language-model teachers train with the
+# pretraining loop, fine-tuned classifiers with the fine-tuning loop
+DISTILL_LM_FLAGS = {"iters": "train.max_iters", "batch_size": "train.batch_size", "lr": "train.lr",
+                    "eval_interval": "train.eval_interval", "precision": "train.precision",
+                    "device": "train.device", "seed": "train.seed", "max_length": "data.max_length"}
+DISTILL_TASK_FLAGS = {name: f"finetune.{name}" for name in (
+    "epochs", "batch_size", "lr", "max_length", "precision", "device", "seed", "text_column",
+    "pair_column", "label_column")}
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from lmforge.checkpoint import read_meta
+    from lmforge.compress.distill import TASK_HEADS, DistillConfig, distill
+    from lmforge.config import from_dict, parse_overrides
+    from lmforge.train import DataConfig, TrainConfig
+    from lmforge.train.finetune import FinetuneConfig
+
+    settings = {"student": args.student, "alpha": args.alpha, "temperature": args.temperature,
+                "hidden_weight": args.hidden_weight, "hidden_loss": args.hidden_loss}
+    saved = None
+    if args.resume:
+        given = [f"--{k.replace('_', '-')}" for k, v in settings.items() if v is not None]
+        if given or args.init_from_teacher:
+            given += ["--init-from-teacher"] if args.init_from_teacher else []
+            raise LmforgeError(f"--resume continues the run with its own student and settings; drop {', '.join(given)}")
+        if not (Path(args.out) / "last" / "config.json").is_file():
+            raise LmforgeError(f"cannot resume: no checkpoint at {str(Path(args.out) / 'last')!r}")
+        saved = read_meta(Path(args.out) / "last")
+        if "distill" not in saved:
+            raise LmforgeError(f"cannot resume: {args.out!r} is not a distillation run")
+    on_task = saved["distill"]["task"] in TASK_HEADS if saved else bool(args.train or args.dev)
+    flags = DISTILL_TASK_FLAGS if on_task else DISTILL_LM_FLAGS
+    wrong = [f"--{k.replace('_', '-')}" for k in {*DISTILL_LM_FLAGS, *DISTILL_TASK_FLAGS} - set(flags)
+             if getattr(args, k) is not None]
+    if wrong or (not on_task and (args.train or args.dev)) or (on_task and args.data):
+        raise LmforgeError(
+            "a fine-tuned classifier teacher distils on --train/--dev files with --epochs, "
+            "--text-column, ...; a language-model teacher on --data DATA_DIR with --iters"
+            + (f" (drop {', '.join(sorted(wrong))})" if wrong else "")
+        )
+    sections = {"finetune": FinetuneConfig} if on_task else {"train": TrainConfig, "data": DataConfig}
+    raw = {name: dict((saved or {}).get(name, {})) for name in sections}
+    for flag, key in flags.items():
+        if getattr(args, flag) is not None:
+            section, name = key.split(".")
+            raw[section][name] = getattr(args, flag)
+    for name, values in parse_overrides(args.set or [], sections).items():
+        raw[name].update(values)
+    if on_task:
+        if args.resume and (args.set or any(getattr(args, k) is not None for k in flags)):
+            raise LmforgeError("--resume continues a classifier's distillation with its own settings; "
+                               "drop the options")
+        config = None if args.resume else from_dict(FinetuneConfig, raw["finetune"], "finetune")
+        run = dict(train_file=args.train, dev_file=args.dev, finetune_config=config)
+    else:
+        if args.data:
+            raw["data"]["path"] = args.data
+        if not raw["data"].get("path"):
+            raise LmforgeError("--data DATA_DIR is required for a language-model teacher "
+                               "(--train/--dev files for a fine-tuned classifier)")
+        run = dict(data=from_dict(DataConfig, raw["data"], "data"),
+                   train_config=from_dict(TrainConfig, raw["train"], "train"))
+    config = None
+    if not args.resume:
+        config = DistillConfig(**{k: v for k, v in settings.items() if k != "student" and v is not None},
+                               init_from_teacher=args.init_from_teacher)
+    result = distill(args.teacher, None if args.resume else args.student, args.out, config=config,
+                     resume=args.resume, progress=not args.no_progress, **run)
+    t, s, r = result.teacher_params, result.student_params, result.training
+    steps = getattr(r, "iters", None) or getattr(r, "steps", 0)
+    print(f"distilled a {t / 1e6:.2f}M-parameter teacher into a {s / 1e6:.2f}M-parameter student "
+          f"({s / t:.0%} of its size): stopped ({r.stop_reason}) after {steps} steps, {r.seconds:.0f}s")
+    split = "dev" if on_task else "eval batches"
+    for who, scores in (("teacher", result.teacher_scores), ("student", result.student_scores)):
+        print(f"{who} ({split}): " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    print(f"checkpoints (the student) in {result.run_dir}/best and {result.run_dir}/last")
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     from lmforge.checkpoint import load_checkpoint
     from lmforge.predict import predict
@@ -473,6 +590,44 @@ def cmd_predict(args: argparse.Namespace) -> None:
         else:
             shown = ", ".join(f"{e['text']} ({e['entity']}, {e['score']:.2f})" for e in r["entities"])
             print(f"{text}\n  entities: {shown or 'none'}\n  tags: {' '.join(r['tags'])}")
+
+
+# ---- prune -----------------------------------------------------------------------------------
+def cmd_prune(args: argparse.Namespace) -> None:
+    from lmforge.compress.prune import prune_checkpoint, report_lines
+    from lmforge.config import from_dict, parse_overrides
+    from lmforge.train import DataConfig, TrainConfig
+
+    recover = args.recover_iters > 0
+    if args.recover_iters < 0:
+        raise LmforgeError(f"--recover-iters must be >= 0, got {args.recover_iters}")
+    if recover and args.data is None:
+        raise LmforgeError("--recover-iters needs --recover-data DATA_DIR (a folder made by `lmforge prepare`)")
+    if args.data is None and args.set:
+        raise LmforgeError("--set configures scoring, evaluation and recovery on data; pass --recover-data DATA_DIR")
+    # recovery continues a trained model: a lower peak lr and a short warmup by default
+    raw = {"train": {"lr": args.recover_lr, "max_iters": max(1, args.recover_iters),
+                     "warmup_iters": args.recover_iters // 10, "device": args.device}, "data": {}}
+    if args.data is not None:
+        raw["data"]["path"] = args.data
+        for name, values in parse_overrides(args.set or [], {"train": TrainConfig, "data": DataConfig}).items():
+            raw[name].update(values)
+    train_config = from_dict(TrainConfig, raw["train"], "train")
+    data = from_dict(DataConfig, raw["data"], "data") if args.data is not None else None
+    report = prune_checkpoint(args.checkpoint, args.out, args.method, args.amount, scope=args.scope, data=data,
+                              train_config=train_config, recover=recover, score_batches=args.score_batches,
+                              progress=not args.no_progress)
+    print("\n".join(report_lines(report)))
+
+
+# ---- quantize --------------------------------------------------------------------------------
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from lmforge.compress.quantize import quantize_checkpoint
+
+    summary = quantize_checkpoint(args.checkpoint, args.out, args.scheme, args.group_size,
+                                  include_head=args.include_head)
+    print(summary)
+    print(f"wrote {args.out}")
 
 
 # ---- convert ---------------------------------------------------------------------------------
@@ -634,6 +789,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true", help="print when done instead of streaming")
     p.add_argument("--batch-size", type=int, default=32, help="encoder-decoders: sources per batch")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    g = p.add_argument_group("faster decoding")
+    g.add_argument("--draft", metavar="DRAFT_CKPT",
+                   help="speculative decoding with this small GPT (same tokenizer) proposing tokens; "
+                        "implies --greedy, and the output is the target's greedy output")
+    g.add_argument("--num-draft-tokens", type=int, default=4,
+                   help="tokens the draft proposes per target pass (default: 4)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the one-token decode step (pays off on few machines; see README)")
+    g.add_argument("--dtype", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="weights' dtype for decoding; auto: bf16 on a GPU or a CPU with native bf16 "
+                        "(default: fp32)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("translate", help="translate / summarise with an encoder-decoder checkpoint")
@@ -716,6 +882,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)
 
+    p = sub.add_parser("distill", help="distil a GPT or BERT teacher into a smaller student")
+    p.add_argument("--teacher", help="teacher checkpoint or run folder (GPT, BERT with an MLM head, or "
+                                     "a classifier from `lmforge finetune`); default on --resume: the run's")
+    p.add_argument("--student", help="preset (gpt-tiny, bert-mini, ...; vocabulary and context from the "
+                                     "teacher) or checkpoint sharing the teacher's tokenizer")
+    p.add_argument("--init-from-teacher", action="store_true",
+                   help="student = the teacher with every other layer (DistilBERT's initialisation)")
+    p.add_argument("--out", required=True, help="RUN_DIR for the student's best/, last/ and metrics.jsonl")
+    p.add_argument("--data", help="language-model teachers: DATA_DIR prepared with the teacher's tokenizer")
+    p.add_argument("--train", help="classifier teachers: training file (as for finetune)")
+    p.add_argument("--dev", help="classifier teachers: dev file, scored after every epoch")
+    p.add_argument("--text-column", help="classification text column (default: text, sentence, ...)")
+    p.add_argument("--pair-column", help="second text of a pair")
+    p.add_argument("--label-column", help="label column (default: label)")
+    p.add_argument("--alpha", type=float, help="weight of the teacher's soft targets, 1 - alpha on the "
+                                               "labels (default: 0.5)")
+    p.add_argument("--temperature", type=float, help="softmax temperature T; KL scaled by T^2 (default: 2)")
+    p.add_argument("--hidden-weight", type=float,
+                   help="weight of matching the final hidden states (equal widths; default: 0 = off)")
+    p.add_argument("--hidden-loss", choices=("cosine", "mse"), help="default: cosine (DistilBERT)")
+    p.add_argument("--iters", type=int, help="language models: optimizer steps (train.max_iters)")
+    p.add_argument("--epochs", type=int, help="classifiers: epochs (default: 3)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--eval-interval", type=int, help="language models: steps between evaluations")
+    p.add_argument("--max-length", type=int, help="BERT: tokens per example")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None)
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", action="extend",
+                   help="other train./data. (language models) or finetune. (classifiers) settings")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (its teacher and settings)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_distill)
+
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching) and chat page")
     p.add_argument("checkpoint", help="GPT (generation), BERT (embeddings, classify, fill-mask) or "
                                       "encoder-decoder (completions = translation) checkpoint or HF folder")
@@ -745,6 +946,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("prune", help="prune a checkpoint: weights (magnitude), attention heads or MLP neurons")
+    p.add_argument("checkpoint", help="lmforge checkpoint or run folder (GPT, BERT or encoder-decoder)")
+    p.add_argument("--method", required=True, choices=("magnitude", "heads", "ffn"),
+                   help="magnitude: zero the smallest weights (sparse file); heads / ffn: remove attention "
+                        "heads / MLP neurons (a smaller, faster model)")
+    p.add_argument("--amount", type=float, required=True, help="fraction to remove, in [0, 1) (e.g. 0.3)")
+    p.add_argument("--scope", choices=("layer", "global"), default="layer",
+                   help="magnitude: the amount of each matrix (default) or of all block matrices pooled")
+    p.add_argument("--out", required=True, help="output checkpoint folder (a run folder with best/ and last/ "
+                                                "after recovery)")
+    p.add_argument("--recover-data", "--score-data", dest="data", metavar="DATA_DIR",
+                   help="prepared data: gradient importance scores for heads/ffn, val losses, and recovery")
+    p.add_argument("--recover-iters", type=int, default=0,
+                   help="fine-tune the pruned model this many steps on DATA_DIR (default: 0, none)")
+    p.add_argument("--recover-lr", type=float, default=3e-4, help="recovery peak learning rate (default: 3e-4)")
+    p.add_argument("--score-batches", type=int, default=8, help="training batches for gradient scores (default: 8)")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", action="extend",
+                   help="train/data settings of scoring, evaluation and recovery, e.g. train.batch_size=8")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("quantize", help="int8 / int4 weights (and int8 activations) for a smaller model")
+    p.add_argument("checkpoint", help="float lmforge checkpoint, run folder or Hugging Face folder")
+    p.add_argument("--scheme", required=True, metavar="SCHEME",
+                   help="int8-weight (int8 weights, float activations), int8-dynamic (int8 weights and "
+                        "per-token int8 activations) or int4-weight (int4 weights in groups)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="int4-weight: input channels per scale and zero point, 32, 64, 128 or 256 (default: 128)")
+    p.add_argument("--include-head", action="store_true",
+                   help="also quantize Linear layers outside the blocks (an untied lm_head, BERT's heads)")
+    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("convert", help="convert between lmforge and Hugging Face checkpoints")
     p.add_argument("src", help="lmforge checkpoint/run folder, or Hugging Face folder")

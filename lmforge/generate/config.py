@@ -38,6 +38,12 @@ class GenerationConfig:
     # no running beam can still beat them, judged at the current length; "never" judged at the
     # best length possible (with length_penalty > 0, max_new_tokens): the exact search
     early_stopping: bool | str = False
+    # speculative decoding (`lmforge.generate.speculative`, used when a draft model is given): the
+    # tokens the draft proposes before each verification pass of the target
+    num_draft_tokens: int = 4
+    # compile the one-token decode step (`lmforge.generate.fast`): a static-shape step that pays a
+    # compilation per batch shape; greedy decoding and sampling only
+    compile: bool = False
 
     def __post_init__(self) -> None:
         check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -87,6 +93,17 @@ class GenerationConfig:
             isinstance(self.early_stopping, bool) or self.early_stopping == "never",
             f"early_stopping must be True, False or 'never', got {self.early_stopping!r}",
         )
+        check(
+            self.num_draft_tokens >= 1,
+            f"num_draft_tokens must be >= 1, got {self.num_draft_tokens}",
+        )
+        if self.compile:
+            check(
+                self.num_beams == 1 and self.use_cache,
+                "compile applies to the cached one-token step of greedy decoding and sampling: "
+                f"it needs num_beams=1 and use_cache=True (got num_beams={self.num_beams}, "
+                f"use_cache={self.use_cache})",
+            )
         if self.num_beams > 1:
             check(
                 not self.do_sample,

@@ -11,7 +11,9 @@ With `num_beams > 1` the same prefill and incremental steps drive beam search
 (`lmforge.generate.beam`), the cache's rows following the beams as they are reordered.
 
 `generate_ids` works on token ids; `generate` wraps it with a tokenizer: text in, text out, stop
-strings, and streaming of the text as it becomes final.
+strings, and streaming of the text as it becomes final. Given a `draft_model`, both hand greedy
+decoding to speculative decoding (`lmforge.generate.speculative`), whose tokens are the same.
+With `config.compile` the one-token steps run compiled (`lmforge.generate.fast`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,7 +30,11 @@ from torch import nn
 from lmforge.errors import LmforgeError
 from lmforge.generate.beam import Hypothesis, beam_search
 from lmforge.generate.config import GenerationConfig
+from lmforge.generate.fast import static_decode_step
 from lmforge.generate.sampling import PAD, next_tokens, sequence_generator
+
+if TYPE_CHECKING:
+    from lmforge.generate.speculative import SpeculativeStats
 
 
 @dataclass
@@ -50,13 +57,24 @@ def generate_ids(
     config: GenerationConfig,
     *,
     on_step: StepCallback | None = None,
+    draft_model: nn.Module | None = None,
+    speculative_stats: SpeculativeStats | None = None,
 ) -> list[list[int]]:
     """Continue each prompt; returns the continuations' ids, `num_return_sequences` per prompt in
     prompt order. A row ends at `config.eos_token_id` (not included), after `max_new_tokens`, or
     when `on_step` (called once per step, see `StepCallback`) returns its index.
 
     With `num_beams > 1`, the best hypotheses of a beam search, best first; `on_step` does not
-    apply, since beams are reordered every step and no row keeps an identity."""
+    apply, since beams are reordered every step and no row keeps an identity.
+
+    With a `draft_model` (greedy only), speculative decoding: the same ids, from fewer forward
+    passes of `model`; its counts are added to `speculative_stats` when given."""
+    if draft_model is not None:
+        from lmforge.generate.speculative import speculative_generate_ids  # it imports this module
+
+        return speculative_generate_ids(
+            model, draft_model, prompt_ids, config, on_step=on_step, stats=speculative_stats
+        )[0]
     if config.num_beams > 1:
         if on_step is not None:
             raise LmforgeError(
@@ -138,11 +156,9 @@ def _decode(
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     t = L  # tokens so far, padding included
-    logits = _next_logits(model, tokens[:, :t], padded, cache)  # (B, V)
-    eos = config.eos_token_id
+    logits = _next_logits(model, tokens[:, :t], padded, cache)  # (B, V), the prefill
     for i in range(config.max_new_tokens):  # i tokens generated so far
-        if i < config.min_new_tokens and eos is not None and eos < logits.shape[-1]:
-            logits[:, eos] = float("-inf")  # HF's MinNewTokensLengthLogitsProcessor
+        forbid_early_eos(logits, config, i)
         # finished rows are still fed (a 0), but sample nothing and their output is frozen
         alive = torch.tensor([not d for d in done], device=device)
         new = torch.zeros(B, dtype=torch.long, device=device)
@@ -163,8 +179,19 @@ def _decode(
             done[r] = True
         if all(done) or t == total:
             break
-        logits = _next_logits(model, tokens[:, :t], padded, cache)
+        if config.compile:
+            logits = static_decode_step(model, cache, tokens, t)
+        else:
+            logits = _next_logits(model, tokens[:, :t], padded, cache)
     return out
+
+
+def forbid_early_eos(logits: torch.Tensor, config: GenerationConfig, n_generated: int) -> None:
+    """HF's MinNewTokensLengthLogitsProcessor, in place on (B, V) logits: no eos before
+    `min_new_tokens` tokens."""
+    eos = config.eos_token_id
+    if n_generated < config.min_new_tokens and eos is not None and eos < logits.shape[-1]:
+        logits[:, eos] = float("-inf")
 
 
 def _beam_decode(
@@ -224,9 +251,12 @@ def generate(
     config: GenerationConfig,
     *,
     on_text: Callable[[int, str], None] | None = None,
+    draft_model: nn.Module | None = None,
+    speculative_stats: SpeculativeStats | None = None,
 ) -> list[Generation]:
     """Continue each prompt as text; `num_return_sequences` results per prompt, in prompt order
-    (with beam search, each prompt's best hypotheses, best first).
+    (with beam search, each prompt's best hypotheses, best first). A `draft_model` sharing the
+    tokenizer turns on speculative decoding (see `generate_ids`).
 
     `on_text(index, piece)` streams result `index`'s text as it becomes final: pieces are held
     back while they end in an incomplete UTF-8 character or could begin a stop string, and joined
@@ -239,6 +269,10 @@ def generate(
         raise LmforgeError("no prompts given: pass at least one prompt")
     if config.eos_token_id is None and tokenizer.eos_id is not None:
         config = dataclasses.replace(config, eos_token_id=tokenizer.eos_id)
+    if draft_model is not None:  # before any decoding, beam search included
+        from lmforge.generate.speculative import check_draft
+
+        check_draft(model, draft_model, config)
     prompt_ids = [
         ids or _empty_prompt(tokenizer, i) for i, ids in enumerate(tokenizer.encode_batch(prompts))
     ]
@@ -254,7 +288,10 @@ def generate(
     fill_streams(
         streams, config,
         beams=lambda: _beam_decode(model, prompt_ids, config),
-        decode=lambda on_step: generate_ids(model, prompt_ids, config, on_step=on_step),
+        decode=lambda on_step: generate_ids(
+            model, prompt_ids, config, on_step=on_step, draft_model=draft_model,
+            speculative_stats=speculative_stats,
+        ),
     )
     results = []
     for r, s in enumerate(streams):

@@ -61,6 +61,11 @@ def convert(src: str | Path, dst: str | Path) -> str:
     _check_dst(src_dir, dst)
     meta = read_meta(src_dir)
     if "format_version" in meta:
+        if "quantization" in meta:
+            raise LmforgeError(
+                f"{str(src_dir)!r} is quantized ({meta['quantization'].get('scheme')}); Hugging Face folders hold "
+                f"float weights: convert the float checkpoint it was quantized from"
+            )
         ckpt = load_checkpoint(src_dir)
         model_type = meta.get("model_type")
         if model_type not in HF_EXPORTERS:

@@ -160,6 +160,11 @@ def check_exportable(c: BertConfig) -> None:
         wrong.append(
             f"activation={c.activation!r} (BERT needs one of {', '.join(map(repr, ACTIVATION_TO_HF))})"
         )
+    if c.n_head * c.head_dim != c.n_embd:  # e.g. after head pruning, which keeps the head size
+        wrong.append(
+            f"head_size={c.head_size} with n_head={c.n_head} (BERT needs heads that split n_embd="
+            f"{c.n_embd} evenly)"
+        )
     if wrong:
         raise LmforgeError(
             f"this model cannot be exported as Hugging Face BERT: {'; '.join(wrong)}"

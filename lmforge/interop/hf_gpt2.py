@@ -130,6 +130,11 @@ def check_exportable(c: GPTConfig) -> None:
         wrong.append(
             f"activation={c.activation!r} (GPT-2 needs one of {', '.join(map(repr, ACTIVATION_TO_HF))})"
         )
+    if c.n_head * c.head_dim != c.n_embd:  # e.g. after head pruning, which keeps the head size
+        wrong.append(
+            f"head_size={c.head_size} with n_head={c.n_head} (GPT-2 needs heads that split n_embd="
+            f"{c.n_embd} evenly)"
+        )
     if wrong:
         raise LmforgeError(
             f"this model cannot be exported as Hugging Face GPT-2: {'; '.join(wrong)}"

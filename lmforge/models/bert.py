@@ -195,7 +195,7 @@ class Bert(nn.Module):
         word = self.embeddings.word.weight.numel()
         body = self.num_params() - tables - word
         decoder = word * mlm_fraction if self.mlm is not None else 0
-        return int(6 * (body + decoder) + 12 * c.n_layer * c.n_embd * seq_len)
+        return int(6 * (body + decoder) + 12 * c.n_layer * c.n_head * c.head_dim * seq_len)
 
     def forward(
         self,

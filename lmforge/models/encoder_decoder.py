@@ -58,7 +58,6 @@ class EncoderDecoderConfig(TransformerConfig):
     vocab_size: int = 32000  # source and target tokens share one vocabulary
     n_decoder_layer: int | None = None  # None: as many as the encoder's n_layer
     max_position: int = 512  # longest source or target with learned or sinusoidal positions
-    head_size: int | None = None  # None: n_embd // n_head; T5 v1.1 small has 6 heads of 64 in 512
     share_embeddings: bool = True  # one token table for source and target
     tie_embeddings: bool = True  # lm_head is the target token table
     scale_embeddings: bool = True  # token embeddings * sqrt(n_embd), Vaswani et al. 3.4
@@ -104,16 +103,6 @@ class EncoderDecoderConfig(TransformerConfig):
                 value is None or 0 <= value < self.vocab_size,
                 f"{name} must be in [0, vocab_size={self.vocab_size}), got {value}",
             )
-
-    def _check_head_size(self) -> None:
-        if self.head_size is None:
-            super()._check_head_size()
-        else:
-            check(self.head_size >= 1, f"head_size must be >= 1 or None, got {self.head_size}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.head_size or self.n_embd // self.n_head
 
 
 # Presets are data: names users can pass to `--preset`. The vocabulary comes from the tokenizer.

@@ -38,8 +38,9 @@ class GPTConfig(TransformerConfig):
         check(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
 
     def flops_per_token(self, n_params: int) -> int:
-        """Training FLOPs per token, 6N + 12*L*d*T (PaLM appendix B; Kaplan et al. 2020)."""
-        return 6 * n_params + 12 * self.n_layer * self.n_embd * self.block_size
+        """Training FLOPs per token, 6N + 12*L*d*T (PaLM appendix B; Kaplan et al. 2020), d the
+        attention width n_head * head_dim (n_embd unless heads were pruned)."""
+        return 6 * n_params + 12 * self.n_layer * self.n_head * self.head_dim * self.block_size
 
 
 # Presets are data: names users can pass to `--preset`. The vocabulary comes from the tokenizer.
@@ -135,6 +136,23 @@ class GPT(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=idx.device)[None]  # (1, T)
 
+        x, rope = self.embed(idx, position_ids)
+        attn_mask = attention_mask_for(T, past, attention_mask, causal=True)
+        # SDPA's is_causal aligns the mask top-left, right only when there is no cached past
+        is_causal = attn_mask is None and past == 0
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, attn_mask=attn_mask, is_causal=is_causal, rope=rope, kv_cache=kv_cache, layer_idx=i)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.head(x[:, -1:] if last_only else x)
+
+    # `forward` is embed -> blocks -> head; the two ends are methods of their own so that a decode
+    # step with its own masking (`lmforge.generate.fast`) can reuse them
+    def embed(
+        self, idx: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Token (+ position) embeddings (B, T, C), and the rotary tables when positions rotate
+        queries and keys inside attention instead."""
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if "wpe" in self.transformer:
@@ -143,17 +161,10 @@ class GPT(nn.Module):
             x = x + self.sinusoids(position_ids).to(x.dtype)
         elif self.config.position == "rotary":
             rope = self.rotary(position_ids)
-        x = self.transformer.drop(x)
+        return self.transformer.drop(x), rope
 
-        attn_mask = attention_mask_for(T, past, attention_mask, causal=True)
-        # SDPA's is_causal aligns the mask top-left, right only when there is no cached past
-        is_causal = attn_mask is None and past == 0
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, attn_mask=attn_mask, is_causal=is_causal, rope=rope, kv_cache=kv_cache, layer_idx=i)
-        if kv_cache is not None:
-            kv_cache.advance(T)
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and output projection: (B, T, C) hidden states -> (B, T, vocab) logits."""
         if "ln_f" in self.transformer:
             x = self.transformer.ln_f(x)
-        if last_only:
-            x = x[:, -1:]
         return self.lm_head(x)

@@ -45,6 +45,13 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.pos += n
 
+    def truncate(self, pos: int) -> None:
+        """Forget the positions from `pos` on (speculative decoding drops the rejected draft
+        tokens); their slots are overwritten by the next writes."""
+        if not 0 <= pos <= self.pos:
+            raise ValueError(f"cannot truncate a KV cache of {self.pos} positions to {pos}")
+        self.pos = pos
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (beam search reorders hypotheses between steps)."""
         self.k = self.k.index_select(1, index)

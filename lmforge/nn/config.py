@@ -20,6 +20,9 @@ class TransformerConfig:
     n_head: int = 4
     n_kv_head: int | None = None  # grouped-query attention; None means n_head (plain MHA)
     n_embd: int = 128
+    # None: n_embd // n_head. Set apart by T5 (its d_kv: v1.1 small has 6 heads of 64 in 512) and
+    # by head pruning, which drops heads but keeps their size
+    head_size: int | None = None
     mlp_hidden: int | None = None  # None: 4*n_embd, or ~8/3*n_embd for gated (SwiGLU) MLPs
     dropout: float = 0.0
     bias: bool = True
@@ -60,13 +63,16 @@ class TransformerConfig:
         check(self.mlp_hidden >= 1, f"mlp_hidden must be >= 1, got {self.mlp_hidden}")
 
     def _check_head_size(self) -> None:
-        """Heads split n_embd evenly. (T5 sets its head size apart: EncoderDecoderConfig overrides
-        this and `head_dim`.)"""
+        """Heads split n_embd evenly, unless `head_size` sets their size apart; attention then
+        works in n_head * head_size dimensions and `c_proj` maps them back to n_embd."""
+        if self.head_size is not None:
+            check(self.head_size >= 1, f"head_size must be >= 1 or None, got {self.head_size}")
+            return
         check(
             self.n_embd % self.n_head == 0,
-            f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}",
+            f"n_embd={self.n_embd} must be divisible by n_head={self.n_head} (or set head_size)",
         )
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -220,11 +221,16 @@ def collate(features: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
 
 
 # --- model -------------------------------------------------------------------------------------
+def task_logits_and_labels(model: Bert, batch: dict[str, torch.Tensor]):
+    """The head's logits, (B, L) or (B, T, L), and the labels, (B,) or (B, T)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return model(**inputs).logits, batch["labels"]
+
+
 def task_loss(model: Bert, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy of the head's logits: per sentence, or per labelled token (mean over them)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits.float()  # (B, L) or (B, T, L)
-    labels = batch["labels"]
+    logits, labels = task_logits_and_labels(model, batch)
+    logits = logits.float()  # (B, L) or (B, T, L)
     if logits.dim() == 2:
         return F.cross_entropy(logits, labels)
     total = F.cross_entropy(
@@ -236,7 +242,9 @@ def task_loss(model: Bert, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def model_for_task(base: Bert, task: str, labels: list[str]) -> tuple[Bert, list[str]]:
     """A Bert with the task's head over a copy of `base`'s encoder; returns it and the names of
-    the parameters that start fresh (the head, and a pooler the base lacked)."""
+    the parameters that start fresh (the head, and a pooler the base lacked). A base that already
+    has this task's head for the same labels keeps it (fine-tuning a classifier further, e.g. to
+    recover after pruning)."""
     config = from_dict(
         BertConfig,
         {
@@ -250,10 +258,11 @@ def model_for_task(base: Bert, task: str, labels: list[str]) -> tuple[Bert, list
         section="model",
     )
     model = Bert(config)
+    same_head = base.config.head == task and list(base.config.labels or []) == list(labels)
     encoder = {
         k: v
         for k, v in base.state_dict().items()
-        if k.startswith(ENCODER_PREFIXES) and k in model.state_dict()
+        if (same_head or k.startswith(ENCODER_PREFIXES)) and k in model.state_dict()
     }
     missing, unexpected = model.load_state_dict(encoder, strict=False)
     assert not unexpected, unexpected
@@ -308,6 +317,9 @@ def finetune(
     progress: bool = True,
     *,
     resume: bool = False,
+    init_model: Bert | None = None,
+    loss_fn: Callable[[Bert, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    extra_meta: dict[str, Any] | None = None,
 ) -> FinetuneResult:
     """Fine-tune the BERT checkpoint `base` on `train_file`, scoring `dev_file` after every epoch;
     writes `out_dir/best`, `out_dir/last` and `out_dir/metrics.jsonl`.
@@ -315,8 +327,13 @@ def finetune(
     With `resume=True` the run in `out_dir` continues from `last/` (weights, optimizer, RNG, its
     place in the epoch), with the config and files it was started with wherever these are None:
     a stopped and resumed run takes the same steps as an uninterrupted one.
+
+    Hooks for distillation (`lmforge.compress.distill`): `init_model` is the model to train, its
+    task head and label names included, instead of a fresh head over `base`'s encoder (`base`
+    then supplies the tokenizer); `loss_fn(model, batch)` replaces the cross-entropy `task_loss`;
+    `extra_meta` adds sections to the checkpoints' config.json.
     """
-    out_dir = Path(out_dir)
+    out_dir, loss_fn = Path(out_dir), loss_fn or task_loss
     state = None
     if resume:
         if not (out_dir / "last" / STATE_FILE).is_file():
@@ -348,11 +365,26 @@ def finetune(
         )
     tokenizer = ckpt.tokenizer
     train, dev, labels = read_task_data(config, train_file, dev_file)
-    max_length = min(config.max_length, ckpt.model.config.max_position)
+    if init_model is not None:  # the model's label ids; the files may use only some of them
+        unknown = sorted(set(labels) - set(init_model.config.labels))
+        if unknown:
+            raise LmforgeError(
+                f"{str(train_file)!r} has label(s) {', '.join(map(repr, unknown))} the model does "
+                f"not know; it predicts {', '.join(map(repr, init_model.config.labels))}"
+            )
+        labels = list(init_model.config.labels)
+    max_length = min(config.max_length, (init_model or ckpt.model).config.max_position)
     train_features = encode_examples(config, tokenizer, train, labels, max_length)
 
     torch.manual_seed(config.seed)  # the fresh head's initialisation and dropout
-    model, fresh = model_for_task(ckpt.model, config.task, labels)
+    if init_model is None:
+        # imported here: lmforge.compress imports this module
+        from lmforge.compress.quantize import refuse_quantized
+
+        refuse_quantized(ckpt.model, "fine-tune")
+        model, fresh = model_for_task(ckpt.model, config.task, labels)
+    else:
+        model, fresh = init_model, ["nothing (a model was given)"]
     del ckpt
     if state is not None:  # the run's own weights, head included
         model.load_state_dict(load_checkpoint(out_dir / "last").model.state_dict())
@@ -371,7 +403,7 @@ def finetune(
         precision, timings = state["precision"], {}
     else:
         precision, timings = resolve_precision(
-            config.precision, model, lambda: probe, device, loss_fn=task_loss
+            config.precision, model, lambda: probe, device, loss_fn=loss_fn
         )
     if timings:
         tqdm.write(f"precision auto: bf16 {timings['bf16_speedup']:.2f}x fp32 -> {precision}")
@@ -384,7 +416,7 @@ def finetune(
     metric = best_metric(config.task, labels)
     meta = {
         "finetune": asdict(config), "task": config.task, "base": str(base),
-        "train_file": str(train_file), "dev_file": str(dev_file),
+        "train_file": str(train_file), "dev_file": str(dev_file), **(extra_meta or {}),
     }
 
     step, first_epoch, skip, stop_reason, history = 0, 1, 0, "epochs", []
@@ -431,7 +463,7 @@ def finetune(
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     with ctx:
-                        loss = task_loss(model, batch)
+                        loss = loss_fn(model, batch)
                     if not torch.isfinite(loss):
                         raise TrainingDiverged(
                             _diverged_message(f"loss is {loss.item()}", step, epoch, out_dir)

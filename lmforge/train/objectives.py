@@ -55,6 +55,13 @@ class CausalLM:
     def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return causal_lm_loss(model, *batch)
 
+    @staticmethod
+    def logits_and_labels(model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and the targets they are scored against, (B, T, V) and (B, T) (for
+        objectives built on top of this one, such as distillation)."""
+        x, y = batch
+        return model(x), y
+
     def stats(self, model: torch.nn.Module, batch) -> dict[str, float]:
         n = batch[1].numel()
         return {"loss_sum": self.loss(model, batch).item() * n, "tokens": n}
@@ -99,7 +106,7 @@ class MaskedLM:
             mlm_probability=self.mlm_probability, whole_word_masking=self.whole_word_masking,
         )
 
-    def _forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    def _output(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
         targets = batch["labels"] != IGNORE_INDEX  # the masked positions
         out = model(
             batch["input_ids"],
@@ -107,6 +114,15 @@ class MaskedLM:
             token_type_ids=batch["token_type_ids"],
             mlm_positions=targets,
         )
+        return out, targets
+
+    def logits_and_labels(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        """The masked-LM logits of the masked positions and their labels, (N, V) and (N,)."""
+        out, targets = self._output(model, batch)
+        return out.mlm_logits, batch["labels"][targets]
+
+    def _forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+        out, targets = self._output(model, batch)
         mlm = F.cross_entropy(out.mlm_logits.float(), batch["labels"][targets])
         nsp = None
         if self.nsp:

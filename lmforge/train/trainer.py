@@ -24,6 +24,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -213,12 +214,18 @@ def train(
     resume: bool = False,
     progress: bool = True,
     init_model: torch.nn.Module | None = None,
+    objective_wrapper: Callable[[Any], Any] | None = None,
+    extra_meta: dict[str, Any] | None = None,
+    on_step: Callable[[torch.nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train a GPT, a BERT or an encoder-decoder on a prepared data folder, writing checkpoints
     and logs into `out_dir`.
 
     With `resume=True` the model config and all training state come from `out_dir/last`. A new
     run starts from random weights, or from `init_model`'s (fine-tuning; its config is the run's).
+    `objective_wrapper` turns the objective into another with the same methods (distillation,
+    `lmforge.compress.distill`); `extra_meta` adds sections to every checkpoint's config.json.
+    `on_step(model)` runs after every optimizer step (magnitude pruning re-applies its zeros).
     """
     tc, run_dir = train_config, Path(out_dir)
     data = open_data(data_config.path)
@@ -250,6 +257,10 @@ def train(
         torch.manual_seed(tc.seed)
         model = model_class(model_config)(model_config)
         if init_model is not None:
+            # imported here: lmforge.compress imports this module
+            from lmforge.compress.quantize import refuse_quantized
+
+            refuse_quantized(init_model, "train")
             model.load_state_dict(init_model.state_dict())
         model = model.to(device)
     if data.vocab_size > model_config.vocab_size:
@@ -257,6 +268,8 @@ def train(
             f"the data's tokenizer has {data.vocab_size} tokens but model.vocab_size is {model_config.vocab_size}"
         )
     objective = make_objective(model_config, tc, data_config, data)
+    if objective_wrapper is not None:
+        objective = objective_wrapper(objective)
     model.train()
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
     batches = objective.sampler("train", tc.batch_size, seed=tc.seed)
@@ -264,7 +277,8 @@ def train(
     if has_val:  # fail now, not at the first eval, when val is smaller than the context
         objective.sampler("val", tc.batch_size, seed=tc.seed)
 
-    meta = {"train": asdict(tc), "data": asdict(data_config), "data_manifest": data.manifest}
+    meta = {"train": asdict(tc), "data": asdict(data_config), "data_manifest": data.manifest,
+            **(extra_meta or {})}
     start_iter, best_val, evals_since_best = 0, None, 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -412,6 +426,8 @@ def train(
                         _diverged_message(f"gradient norm is {grad_norm.item()}", it, run_dir)
                     )
             optimizer.step()
+            if on_step is not None:
+                on_step(model)
             optimizer.zero_grad(set_to_none=True)
             it += 1
             bar.update(1)

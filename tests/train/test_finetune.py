@@ -135,6 +135,19 @@ def test_model_for_task_copies_the_encoder_and_makes_a_fresh_head(files):
     assert fresh == ["classifier"]
 
 
+def test_model_for_task_keeps_a_classifier_head_for_the_same_labels(files):
+    base = load_checkpoint(files["base"]).model
+    classifier, _ = model_for_task(base, "classification", ["neg", "pos"])
+    torch.nn.init.normal_(classifier.classifier.weight)  # a head no fresh init would reproduce
+    again, fresh = model_for_task(classifier, "classification", ["neg", "pos"])
+    assert fresh == []
+    for name, tensor in classifier.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
+    # other labels: the head cannot carry over
+    _, fresh = model_for_task(classifier, "classification", ["a", "b", "c"])
+    assert fresh == ["classifier"]
+
+
 def test_token_classification_finds_entities(files):
     out = files["root"] / "ner"
     result = finetune(
