@@ -204,7 +204,7 @@ class Decoder(Stack):
         T = ids.shape[1]
         past = kv_cache.pos if kv_cache is not None else 0
         x = self.embed(ids, past)  # (B, T, C)
-        allowed = attention_mask_for(T, past, attention_mask, causal=True)
+        allowed = attention_mask_for(T, past, attention_mask, causal=True, device=ids.device)
         if self.rel_bias is None:
             # SDPA's is_causal aligns the mask top-left, right only when there is no cached past
             mask, is_causal = allowed, allowed is None and past == 0

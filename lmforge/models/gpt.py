@@ -137,7 +137,7 @@ class GPT(nn.Module):
             position_ids = torch.arange(past, past + T, device=idx.device)[None]  # (1, T)
 
         x, rope = self.embed(idx, position_ids)
-        attn_mask = attention_mask_for(T, past, attention_mask, causal=True)
+        attn_mask = attention_mask_for(T, past, attention_mask, causal=True, device=idx.device)
         # SDPA's is_causal aligns the mask top-left, right only when there is no cached past
         is_causal = attn_mask is None and past == 0
         for i, block in enumerate(self.transformer.h):

@@ -59,19 +59,22 @@ class KVCache:
 
 
 def attention_mask_for(
-    n_new: int, n_past: int, key_padding: torch.Tensor | None, causal: bool = True
+    n_new: int, n_past: int, key_padding: torch.Tensor | None, causal: bool = True,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor | None:
     """Boolean mask (B|1, 1, n_new, n_past + n_new); True where a query may attend to a key.
 
     Returns None when SDPA can do without one (`is_causal` covers the plain causal case, and a
-    single new token with no padding may attend to everything before it).
+    single new token with no padding may attend to everything before it). The mask is built on
+    `key_padding`'s device, else on `device` (the model's: a CPU mask fails on CUDA).
     """
     if key_padding is None:
         if not causal or n_new == 1:
             return None
         if n_past == 0:
             return None  # caller passes is_causal=True
-    device = key_padding.device if key_padding is not None else None
+    if key_padding is not None:
+        device = key_padding.device
     q = torch.arange(n_past, n_past + n_new, device=device)[:, None]
     k = torch.arange(n_past + n_new, device=device)[None, :]
     allowed = (k <= q) if causal else torch.ones(n_new, n_past + n_new, dtype=torch.bool, device=device)
