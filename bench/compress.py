@@ -125,7 +125,9 @@ def measure_gpt(ckpt: str, dtype: str, data: str, hf: bool, draft: str | None) -
         model = load_checkpoint(ckpt).model
         if dtype == "bf16":
             model = model.to(torch.bfloat16)
-        greedy = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
+        # "fp32+compile": torch.compile'd fixed-shape decode step (`generate --compile`)
+        greedy = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                                  compile=dtype.endswith("+compile"))
 
         def decode(batch: int):
             return generate_ids(model, prompts[:batch], greedy)
@@ -134,7 +136,7 @@ def measure_gpt(ckpt: str, dtype: str, data: str, hf: bool, draft: str | None) -
             with torch.inference_mode():
                 model(prefill)
 
-        out["val_ppl"] = perplexity(model, val, context=PREFILL[1], batch_size=8)["ppl"]
+        out["val_ppl"] = perplexity(model, val, context=PREFILL[1], batch_size=8)["perplexity"]
         if draft:
             out.update(measure_speculative(model, load_checkpoint(draft).model, prompts[:3], greedy))
     for batch in (1, 8):
@@ -223,7 +225,7 @@ def measure_bert(ckpt: str, dtype: str, dev_file: str, hf: bool) -> dict:
 
 def measure(kind: str, ckpt: Path, dtype: str = "fp32", hf: bool = False, **kw) -> dict:
     """One measurement in a fresh process, so that its peak memory is its own."""
-    out_json = ckpt.parent / f".measure-{ckpt.name}-{dtype}{'-hf' if hf else ''}.json"
+    out_json = ckpt.parent / f".measure-{ckpt.name}-{dtype.replace('+', '-')}{'-hf' if hf else ''}.json"
     cmd = [sys.executable, __file__, "_measure", kind, str(ckpt), "--dtype", dtype, "--json", str(out_json)]
     if hf:
         cmd.append("--hf")
@@ -252,7 +254,8 @@ def gpt_variants(args: argparse.Namespace, work: Path) -> tuple[dict[str, tuple[
                 "train.batch_size=32", "train.max_iters=1000", "train.lr=2e-3", "train.min_lr=2e-4",
                 "train.eval_interval=200")
     target, draft = (p / "best" if (p / "best").is_dir() else p for p in (target, draft))
-    variants = {"fp32": (target, "fp32"), "bf16": (target, "bf16")}
+    variants = {"fp32": (target, "fp32"), "fp32 + compiled decode step": (target, "fp32+compile"),
+                "bf16": (target, "bf16")}
     for scheme in QUANT_SCHEMES:
         dst = work / scheme
         if not dst.exists():
@@ -278,6 +281,8 @@ def resolve(path: Path) -> Path:
 
 def run_gpt(args: argparse.Namespace, work: Path) -> list[dict]:
     variants, data, draft = gpt_variants(args, work)
+    if args.build_only:
+        return []
     rows = []
     target = variants["fp32"][0]
     hf_dir = work / "hf-target"
@@ -330,6 +335,8 @@ def bert_variants(args: argparse.Namespace, work: Path) -> dict[str, tuple[Path,
 
 def run_bert(args: argparse.Namespace, work: Path) -> list[dict]:
     variants, dev_file = bert_variants(args, work)
+    if args.build_only:
+        return []
     hf_dir = work / "sst2-hf"
     if not hf_dir.exists():
         lmforge("convert", str(variants["fp32"][0]), str(hf_dir))
@@ -415,6 +422,8 @@ def main() -> None:
     ap.add_argument("--sst2-limit", type=int, default=8000, help="SST-2 training sentences")
     ap.add_argument("--recover-iters", type=int, default=200, help="GPT recovery steps after pruning")
     ap.add_argument("--distill-iters", type=int, default=300, help="GPT distillation steps")
+    ap.add_argument("--build-only", action="store_true",
+                    help="train and compress the variants, measure nothing (measure later on a quiet machine)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -9,11 +9,14 @@
     lmforge eval CKPT --text FILE       loss and perplexity of a file (or BLEU/chrF/ROUGE)
     lmforge fill-mask CKPT TEXT         top tokens for each [MASK] (BERT)
     lmforge embed CKPT --text ...       sentence embeddings (BERT)
-    lmforge finetune --base CKPT ...    fine-tune BERT (classification, NER) or an encoder-decoder
+    lmforge finetune --base CKPT ...    fine-tune BERT (classification, NER), an encoder-decoder, or a
+                                        GPT on conversations (--task chat)
+    lmforge chat CKPT                   chat in the terminal with the checkpoint's chat template
     lmforge predict CKPT --text ...     labels or entities from a fine-tuned checkpoint
     lmforge distill --teacher CKPT ...  distil a GPT or BERT teacher into a smaller student
     lmforge prune CKPT --method M ...   remove weights, attention heads or MLP neurons (+ recovery)
     lmforge quantize CKPT --scheme S    int8 / int4 weights (and int8 activations) for a smaller model
+    lmforge lora merge BASE ADAPTER     fold a LoRA adapter (finetune --lora) into its base checkpoint
     lmforge convert SRC DST             lmforge <-> Hugging Face checkpoints
     lmforge serve CKPT                  OpenAI-compatible server with continuous batching
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -171,15 +175,39 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     if args.data is None and not args.resume:
         raise LmforgeError("--data DATA_DIR is required (a folder made by `lmforge prepare`)")
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise LmforgeError(f"--nproc must be >= 1, got {args.nproc}")
+        if "WORLD_SIZE" in os.environ:
+            raise LmforgeError("--nproc starts torchrun itself; drop it when running under torchrun")
+        if args.nproc > 1:
+            from lmforge.train.distributed import relaunch
+
+            relaunch(args.nproc, _train_args(args))  # each rank runs this command without --nproc
+            return
     model_config, train_config, data_config = build_run_configs(
         args.data, args.out, args.preset, args.config, args.set or [], args.resume
     )
     result = train(model_config if not args.resume else None, train_config, data_config, args.out,
                    resume=args.resume, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return
     summary = f"stopped ({result.stop_reason}) at iter {result.iters} after {result.seconds:.0f}s"
     if result.best_val_loss is not None:
         summary += f"; best eval loss {result.best_val_loss:.4f}"
     print(f"{summary}; checkpoints in {result.run_dir}/best and {result.run_dir}/last")
+
+
+def _train_args(args: argparse.Namespace) -> list[str]:
+    """The `train` command line of `args` without --nproc: what each rank runs."""
+    argv = ["train", "--out", args.out]
+    for flag, value in (("--data", args.data), ("--preset", args.preset), ("--config", args.config)):
+        if value is not None:
+            argv += [flag, value]
+    if args.set:
+        argv += ["--set", *args.set]
+    argv += ["--resume"] * args.resume + ["--no-progress"] * args.no_progress
+    return argv
 
 
 # ---- generate --------------------------------------------------------------------------------
@@ -445,16 +473,20 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
     if args.task == "seq2seq" or (args.resume and args.task is None and (Path(args.out) / "data").is_dir()):
         return _finetune_seq2seq(args)
+    if args.task == "chat":
+        _refuse_lora(args, "chat")
+        return _finetune_chat(args)
     for name in ("train_target", "dev_target", "source_field", "target_field", "label_smoothing"):
         if getattr(args, name) is not None:
             raise LmforgeError(f"--{name.replace('_', '-')} is for --task seq2seq only")
     options = ("task", "text_column", "pair_column", "label_column", "max_length", "epochs", "batch_size", "lr",
                "weight_decay", "warmup_ratio", "grad_clip", "patience", "precision", "seed", "eval_batch_size",
                "device")
-    given = [f"--{k.replace('_', '-')}" for k in options if getattr(args, k) is not None]
+    given = [f"--{k.replace('_', '-')}" for k in (*options, *LORA_FLAGS) if getattr(args, k) is not None]
     if args.resume:
-        if given or args.no_group_by_length:
-            raise LmforgeError(f"--resume continues the run with its own settings; drop {', '.join(given)}")
+        if given or args.no_group_by_length or args.lora:
+            raise LmforgeError(f"--resume continues the run with its own settings (LoRA included); drop "
+                               f"{', '.join(given + ['--lora'] * args.lora)}")
         result = finetune(args.base, args.train, args.dev, args.out, None, progress=not args.no_progress,
                           resume=True)
     else:
@@ -463,7 +495,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
             raise LmforgeError(f"{', '.join(missing)} required (or --resume to continue the run in --out)")
         config = FinetuneConfig(**{k: getattr(args, k) for k in options if getattr(args, k) is not None},
                                 group_by_length=not args.no_group_by_length)
-        result = finetune(args.base, args.train, args.dev, args.out, config, progress=not args.no_progress)
+        result = finetune(args.base, args.train, args.dev, args.out, config, progress=not args.no_progress,
+                          lora=_lora_config(args))
     print(
         f"stopped ({result.stop_reason}) after {result.epochs} epoch(s), {result.steps} steps, {result.seconds:.0f}s; "
         f"best dev {result.metric} {result.best_score:.4f} at epoch {result.best_epoch}; "
@@ -471,9 +504,33 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     )
 
 
+# --lora-* flags of `lmforge finetune` and the LoraConfig field each sets
+LORA_FLAGS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_targets": "target_modules"}
+
+
+def _lora_config(args: argparse.Namespace):
+    """The LoraConfig of `--lora` and its `--lora-*` flags; None without --lora."""
+    from lmforge.train.lora import LoraConfig
+
+    given = {field: getattr(args, flag) for flag, field in LORA_FLAGS.items() if getattr(args, flag) is not None}
+    if not args.lora:
+        if given:
+            flags = ", ".join(f"--{flag.replace('_', '-')}" for flag in LORA_FLAGS if getattr(args, flag) is not None)
+            raise LmforgeError(f"{flags} set LoRA options; add --lora to fine-tune with LoRA")
+        return None
+    return LoraConfig(**given)
+
+
+def _refuse_lora(args: argparse.Namespace, task: str) -> None:
+    if args.lora or any(getattr(args, flag) is not None for flag in LORA_FLAGS):
+        raise LmforgeError(f"--lora is for BERT tasks (classification, token-classification) for now; "
+                           f"--task {task} fine-tuning trains every weight")
+
+
 def _finetune_seq2seq(args: argparse.Namespace) -> None:
     from lmforge.train.seq2seq import finetune_seq2seq
 
+    _refuse_lora(args, "seq2seq")
     options = ("max_length", "epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "grad_clip",
                "patience", "precision", "seed", "device", "label_smoothing", "source_field", "target_field",
                "train_target", "dev_target")
@@ -489,6 +546,75 @@ def _finetune_seq2seq(args: argparse.Namespace) -> None:
     best = f"; best dev loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
     print(f"stopped ({result.stop_reason}) at step {result.iters} after {result.seconds:.0f}s{best}; "
           f"checkpoints in {result.run_dir}/best and {result.run_dir}/last")
+
+
+def _finetune_chat(args: argparse.Namespace) -> None:
+    from lmforge.train.chat import ChatConfig, finetune_chat
+
+    options = ("max_length", "epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "grad_clip",
+               "precision", "seed", "device")
+    wrong = [n for n in ("train_target", "dev_target", "source_field", "target_field", "label_smoothing",
+                         "text_column", "pair_column", "label_column", "eval_batch_size", "patience")
+             if getattr(args, n) is not None] + (["resume"] if args.resume else [])
+    if wrong:
+        raise LmforgeError(f"{', '.join('--' + n.replace('_', '-') for n in wrong)} do(es) not apply to --task chat")
+    missing = [f"--{name}" for name in ("base", "train") if getattr(args, name) is None]
+    if missing:
+        raise LmforgeError(f"{', '.join(missing)} required for --task chat")
+    config = ChatConfig(**{k: getattr(args, k) for k in options if getattr(args, k) is not None})
+    result = finetune_chat(args.base, args.train, args.out, args.dev, config, progress=not args.no_progress)
+    best = f"; best dev loss {result.best_dev_loss:.4f}" if result.best_dev_loss is not None else ""
+    print(f"stopped ({result.stop_reason}) after {result.epochs} epoch(s), {result.steps} steps, "
+          f"{result.conversations} conversations ({result.dropped} dropped: too long){best}; "
+          f"checkpoints in {result.out_dir}")
+
+
+# ---- chat ------------------------------------------------------------------------------------
+def cmd_chat(args: argparse.Namespace) -> None:
+    from lmforge.chat import ChatTemplate, chat_loop
+    from lmforge.checkpoint import load_checkpoint
+    from lmforge.generate import generate
+    from lmforge.train.trainer import resolve_device
+
+    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    if _is_seq2seq(ckpt.model) or not hasattr(ckpt.model.config, "block_size"):
+        raise LmforgeError(f"lmforge chat needs a GPT checkpoint; {args.checkpoint!r} holds a "
+                           f"{type(ckpt.model).__name__}")
+    template = ChatTemplate.for_checkpoint(ckpt)
+    base = generation_config_from_args(args, args.max_new_tokens)
+    if base.num_return_sequences != 1 or base.num_beams != 1:
+        raise LmforgeError("lmforge chat streams one reply: drop --num-return-sequences / --num-beams")
+    config = dataclasses.replace(base, stop=base.stop + [s for s in template.stop if s not in base.stop])
+    block_size = ckpt.model.config.block_size
+
+    def reply(history, emit):
+        prompt = template.render(history)
+        n_prompt = len(ckpt.tokenizer.encode(prompt))
+        if n_prompt >= block_size:
+            raise LmforgeError(f"the conversation is {n_prompt} tokens, the model's context {block_size}; "
+                               "type /reset to start over")
+        turn = dataclasses.replace(config, max_new_tokens=min(config.max_new_tokens, block_size - n_prompt))
+        (result,) = generate(ckpt.model, ckpt.tokenizer, prompt, turn, on_text=lambda _, piece: emit(piece))
+        return result.text
+
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chatting (/reset clears the history, /exit or Ctrl-D ends)", file=sys.stderr)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def lines():
+        while True:
+            if interactive:
+                write("user: ")
+            line = sys.stdin.readline()
+            if not line:
+                return
+            yield line
+
+    chat_loop(reply, lines(), write, system=args.system)
 
 
 # ---- distill ---------------------------------------------------------------------------------
@@ -628,6 +754,27 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                                   include_head=args.include_head)
     print(summary)
     print(f"wrote {args.out}")
+
+
+# ---- lora ------------------------------------------------------------------------------------
+def cmd_lora_merge(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from lmforge.checkpoint import save_checkpoint
+    from lmforge.train.lora import (
+        load_adapted_checkpoint,
+        lora_config_of,
+        lora_state_dict,
+        merge_lora,
+    )
+
+    ckpt = load_adapted_checkpoint(args.base, args.adapter)
+    config, trained = lora_config_of(ckpt.model), sum(t.numel() for t in lora_state_dict(ckpt.model).values())
+    merge_lora(ckpt.model)
+    extra = {"lora_merged": {"base": str(args.base), "adapter": str(args.adapter), "lora": asdict(config)}}
+    save_checkpoint(args.out, ckpt.model, ckpt.tokenizer, extra=extra, source_tokenizer=ckpt.source_tokenizer)
+    print(f"merged {trained:,} adapter parameters (rank {config.rank}, {', '.join(config.target_modules)}) "
+          f"into {args.base}; wrote {args.out}")
 
 
 # ---- convert ---------------------------------------------------------------------------------
@@ -776,6 +923,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override config values, e.g. --set train.lr=3e-4 model.n_layer=6")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="data-parallel (DDP) training on N processes of this machine: a shortcut for "
+                        "`torchrun --standalone --nproc-per-node N -m lmforge train ...`")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint")
@@ -853,9 +1003,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from last/ (same settings and files)")
     p.add_argument("--out", required=True, help="RUN_DIR for best/, last/ and metrics.jsonl")
-    p.add_argument("--task", choices=("classification", "token-classification", "seq2seq"), default=None,
-                   help="classification (default), token-classification (CoNLL files, e.g. NER) or "
-                        "seq2seq (an encoder-decoder base on sentence pairs)")
+    p.add_argument("--task", choices=("classification", "token-classification", "seq2seq", "chat"), default=None,
+                   help="classification (default), token-classification (CoNLL files, e.g. NER), "
+                        "seq2seq (an encoder-decoder base on sentence pairs) or chat (a GPT base on "
+                        "conversations: JSONL {\"messages\": [...]})")
     p.add_argument("--train-target", help="seq2seq: target file aligned with --train (else --train is a "
                                           "TSV/CSV/JSONL of pairs)")
     p.add_argument("--dev-target", help="seq2seq: target file aligned with --dev")
@@ -880,6 +1031,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plain shuffled batches (default: batches of similar lengths, less padding)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--lora", action="store_true",
+                   help="LoRA: train low-rank adapters (and the head) over the frozen encoder; best/ and last/ "
+                        "are written merged, RUN_DIR/adapter/ holds the best adapter alone")
+    p.add_argument("--lora-rank", type=int, help="rank r of the adapters (default: 8)")
+    p.add_argument("--lora-alpha", type=float, help="the update is scaled by alpha / r (default: 16)")
+    p.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default: 0)")
+    p.add_argument("--lora-targets", help="comma-separated Linear layers to adapt, names or suffixes "
+                                          "(default: c_attn; e.g. c_attn,c_proj,c_fc)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("distill", help="distil a GPT or BERT teacher into a smaller student")
@@ -916,6 +1075,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out (its teacher and settings)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("chat", help="chat with a GPT checkpoint in the terminal (reads stdin)")
+    p.add_argument("checkpoint", help="checkpoint or run folder (e.g. from finetune --task chat)")
+    p.add_argument("--system", help="system message that starts every conversation")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="per reply (default: 256, or what fits)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    _add_generation_options(p)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching) and chat page")
     p.add_argument("checkpoint", help="GPT (generation), BERT (embeddings, classify, fill-mask) or "
@@ -980,6 +1147,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also quantize Linear layers outside the blocks (an untied lm_head, BERT's heads)")
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("lora", help="LoRA adapters: merge one into its base")
+    lora_sub = p.add_subparsers(dest="lora_command", required=True)
+    p = lora_sub.add_parser("merge", help="write BASE with ADAPTER folded in as an ordinary checkpoint")
+    p.add_argument("base", help="the base checkpoint the adapter was trained on (lmforge, run folder or HF)")
+    p.add_argument("adapter", help="adapter folder (adapter.safetensors + adapter_config.json), e.g. RUN_DIR/adapter")
+    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.set_defaults(func=cmd_lora_merge)
 
     p = sub.add_parser("convert", help="convert between lmforge and Hugging Face checkpoints")
     p.add_argument("src", help="lmforge checkpoint/run folder, or Hugging Face folder")

@@ -67,9 +67,13 @@ class Tokenizer:
         cls_token: str | None = None,
         sep_token: str | None = None,
         mask_token: str | None = None,
+        chat_template: str | list | None = None,
     ):
         self.backend = backend
         self.kind = kind
+        # Hugging Face's `chat_template` (a Jinja2 string, or a list of named ones), kept so that
+        # every checkpoint saved from this tokenizer renders chats the way it was trained to
+        self.chat_template = chat_template
         self.eos_token, self.bos_token, self.pad_token, self.unk_token = (
             eos_token,
             bos_token,
@@ -204,6 +208,8 @@ class Tokenizer:
         for name in SPECIAL_ROLES:
             if getattr(self, name) is not None:
                 config[name] = getattr(self, name)
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         if isinstance(self.backend.model, models.WordPiece):
             # BERT tooling reads vocab.txt and do_lower_case rather than tokenizer.json
             self.backend.model.save(str(directory))
@@ -259,7 +265,7 @@ class Tokenizer:
             # pads to the longest row and truncates only when asked
             backend.no_padding()
             backend.no_truncation()
-        return cls(backend, kind, **special)
+        return cls(backend, kind, **special, chat_template=config.get("chat_template"))
 
 
 def _kind_of(backend: _Backend) -> str:

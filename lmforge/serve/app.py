@@ -30,6 +30,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+# the chat template is shared with `lmforge chat` and chat fine-tuning (imported here for callers)
+from lmforge.chat import DEFAULT_CHAT_STOP, DEFAULT_CHAT_TEMPLATE, ChatTemplate, ChatTemplateError  # noqa: F401
 from lmforge.checkpoint import Checkpoint, load_checkpoint
 from lmforge.errors import LmforgeError
 from lmforge.generate.config import GenerationConfig
@@ -51,15 +53,7 @@ from lmforge.serve.protocol import (
     to_generation_config,
 )
 from lmforge.serve.security import ApiKeys, install_security
-from lmforge.tokenizer import TOKENIZER_CONFIG_FILE
 
-# A base model has no chat format of its own: one "role: content" line per message, then the
-# assistant's turn; generation stops where the model starts the user's next line.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
-DEFAULT_CHAT_STOP = ["\nuser:"]
 STATIC_DIR = Path(__file__).parent / "static"  # the chat page
 _Sampling = CompletionRequest | ChatCompletionRequest
 
@@ -74,48 +68,7 @@ def _bad_config(e: LmforgeError) -> APIError:
     return APIError(400, str(e), param=param)
 
 
-# --- the chat template ------------------------------------------------------------------------------
-
-
-class ChatTemplate:
-    """Renders messages into a prompt with a Jinja2 template: the checkpoint's own
-    (`chat_template` in tokenizer_config.json, as Hugging Face stores it), else
-    `DEFAULT_CHAT_TEMPLATE`, whose stop strings end the assistant's turn."""
-
-    def __init__(self, source: str | None = None, stop: list[str] | None = None, tokenizer=None):
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        self.source = source or DEFAULT_CHAT_TEMPLATE
-        self.stop = list(stop if stop is not None else ([] if source else DEFAULT_CHAT_STOP))
-        # HF's rendering environment: sandboxed, blocks trimmed, `raise_exception` available
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_template_error
-        try:
-            self.template = env.from_string(self.source)
-        except TemplateError as e:
-            raise LmforgeError(f"the chat template is not valid Jinja2: {e}") from e
-        self.specials = {
-            "bos_token": getattr(tokenizer, "bos_token", None) or "",
-            "eos_token": getattr(tokenizer, "eos_token", None) or "",
-        }
-
-    @classmethod
-    def for_checkpoint(cls, ckpt: Checkpoint) -> ChatTemplate:
-        source = None
-        if ckpt.path is not None and (ckpt.path / TOKENIZER_CONFIG_FILE).is_file():
-            source = json.loads((ckpt.path / TOKENIZER_CONFIG_FILE).read_text()).get("chat_template")
-            if isinstance(source, list):  # HF's named templates: [{"name": ..., "template": ...}]
-                named = {t.get("name"): t.get("template") for t in source}
-                source = named.get("default") or next(iter(named.values()), None)
-        return cls(source, tokenizer=ckpt.tokenizer)
-
-    def render(self, messages: list[dict[str, str]]) -> str:
-        return self.template.render(messages=messages, add_generation_prompt=True, **self.specials)
-
-
-def _raise_template_error(message: str) -> None:
-    raise APIError(400, f"chat template: {message}", param="messages")
+# --- chat messages -----------------------------------------------------------------------------------
 
 
 def _message_text(content: str | list[dict[str, Any]] | None) -> str:
@@ -241,7 +194,11 @@ def create_app(
         check_model(body.model, [name])
         check_limits(body, limits, vocab_size)
         messages = [{"role": m.role, "content": _message_text(m.content)} for m in body.messages]
-        prompt = _encode(template.render(messages), tokenizer)
+        try:
+            text = template.render(messages)
+        except ChatTemplateError as e:  # the template's raise_exception, or a Jinja error
+            raise APIError(400, str(e), param="messages") from e
+        prompt = _encode(text, tokenizer)
         stop = body.stop_list
         stop += [s for s in template.stop if s not in stop]
         config = _generation_config(body, len(prompt), limits, engine.max_len, stop)

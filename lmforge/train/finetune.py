@@ -9,6 +9,10 @@
         score dev: accuracy + macro F1 (classification), entity P/R/F1 (IOB2 tags)
         save `best` when the dev metric improved, and `last`; stop after `patience` epochs without
 
+With LoRA (`lora=LoraConfig(...)`, `lmforge.train.lora`) the encoder stays frozen and only
+low-rank adapters and the head train; `best` and `last` are written merged (ordinary checkpoints)
+and `RUN_DIR/adapter/` holds the best epoch's adapter alone.
+
 Failure rules are the pretraining loop's (`lmforge.train.trainer`): checkpoints are written whole
 by `save_checkpoint`, a NaN/inf loss raises `TrainingDiverged` before the optimizer step and saves
 nothing, Ctrl-C finishes the step, scores dev, saves `last` and returns.
@@ -23,7 +27,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +55,15 @@ from lmforge.eval.metrics import accuracy, entity_scores, macro_f1
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.predict import class_probabilities, is_iob2, tag_words
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.lora import (
+    LoraConfig,
+    apply_lora,
+    count_parameters,
+    load_lora_state_dict,
+    lora_state_dict,
+    merged_copy,
+    save_adapter,
+)
 from lmforge.train.objectives import move_batch
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.precision import PRECISIONS, autocast_context, resolve_precision
@@ -320,6 +333,7 @@ def finetune(
     init_model: Bert | None = None,
     loss_fn: Callable[[Bert, dict[str, torch.Tensor]], torch.Tensor] | None = None,
     extra_meta: dict[str, Any] | None = None,
+    lora: LoraConfig | None = None,
 ) -> FinetuneResult:
     """Fine-tune the BERT checkpoint `base` on `train_file`, scoring `dev_file` after every epoch;
     writes `out_dir/best`, `out_dir/last` and `out_dir/metrics.jsonl`.
@@ -332,6 +346,10 @@ def finetune(
     task head and label names included, instead of a fresh head over `base`'s encoder (`base`
     then supplies the tokenizer); `loss_fn(model, batch)` replaces the cross-entropy `task_loss`;
     `extra_meta` adds sections to the checkpoints' config.json.
+
+    `lora` trains LoRA adapters (and the head, always in `modules_to_save`) over the frozen
+    encoder; a resumed run takes it from its checkpoint, whose state.pt keeps the unmerged
+    adapters.
     """
     out_dir, loss_fn = Path(out_dir), loss_fn or task_loss
     state = None
@@ -342,6 +360,7 @@ def finetune(
             )
         meta = read_meta(out_dir / "last")
         config = from_dict(FinetuneConfig, meta["finetune"], "finetune")
+        lora = from_dict(LoraConfig, meta["lora"], "lora") if "lora" in meta else None
         base, train_file, dev_file = (
             given if given is not None else meta[key]
             for given, key in ((base, "base"), (train_file, "train_file"), (dev_file, "dev_file"))
@@ -386,12 +405,23 @@ def finetune(
     else:
         model, fresh = init_model, ["nothing (a model was given)"]
     del ckpt
-    if state is not None:  # the run's own weights, head included
+    if lora is not None:
+        if init_model is not None:
+            raise LmforgeError("LoRA fine-tuning starts from a base checkpoint, not from a given model")
+        # the head (and a pooler the base lacked) cannot be low-rank: trained in full
+        lora = replace(lora, modules_to_save=tuple(dict.fromkeys([*lora.modules_to_save, "classifier", *fresh])))
+        apply_lora(model, lora)
+    if state is not None and lora is not None:  # the frozen base is `base`'s; the rest is in state.pt
+        load_lora_state_dict(model, state["lora"], f"{str(out_dir / 'last')!r}")
+        fresh = ["nothing (resumed)"]
+    elif state is not None:  # the run's own weights, head included
         model.load_state_dict(load_checkpoint(out_dir / "last").model.state_dict())
         fresh = ["nothing (resumed)"]
     model.to(device).train()
+    trainable, total = count_parameters(model)
     tqdm.write(
-        f"fine-tuning {model.num_params() / 1e6:.2f}M parameters for {config.task} with "
+        f"fine-tuning {trainable:,} of {total:,} parameters ({100 * trainable / total:.1f}%) for "
+        f"{config.task} with "
         f"{len(labels)} labels ({', '.join(labels[:10])}{', ...' if len(labels) > 10 else ''}); "
         f"initialised fresh: {', '.join(fresh)}"
     )
@@ -417,6 +447,7 @@ def finetune(
     meta = {
         "finetune": asdict(config), "task": config.task, "base": str(base),
         "train_file": str(train_file), "dev_file": str(dev_file), **(extra_meta or {}),
+        **({"lora": asdict(lora)} if lora is not None else {}),
     }
 
     step, first_epoch, skip, stop_reason, history = 0, 1, 0, "epochs", []
@@ -508,9 +539,13 @@ def finetune(
                 improved = scores[metric] > best_score
                 epoch_done = batches_done == len(batches)
                 extra = {**meta, "dev": scores, "epoch": epoch, "step": step}
+                # a LoRA model is saved merged: checkpoints everything else loads
+                saved_model = model if lora is None else merged_copy(model)
                 if improved:
                     best_score, best_epoch, epochs_since_best = scores[metric], epoch, 0
-                    save_checkpoint(out_dir / "best", model, tokenizer, extra=extra)
+                    save_checkpoint(out_dir / "best", saved_model, tokenizer, extra=extra)
+                    if lora is not None:
+                        save_adapter(model, out_dir / "adapter", base=base)
                 elif epoch_done:
                     epochs_since_best += 1
                 train_state = {
@@ -519,8 +554,9 @@ def finetune(
                     "generator": generator.get_state(), "optimizer": optimizer.state_dict(),
                     "rng": _rng_state(device), "best_score": best_score, "best_epoch": best_epoch,
                     "epochs_since_best": epochs_since_best, "precision": precision,
+                    **({"lora": lora_state_dict(model)} if lora is not None else {}),
                 }
-                save_checkpoint(out_dir / "last", model, tokenizer, extra=extra, train_state=train_state)
+                save_checkpoint(out_dir / "last", saved_model, tokenizer, extra=extra, train_state=train_state)
                 eval_seconds += time.perf_counter() - t_eval
                 shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
                 bar.write(

@@ -15,6 +15,9 @@ Ctrl-C (or SIGTERM) finishes the current step, saves `last` and returns; a secon
 at once, leaving the previous checkpoint as it was; a NaN/inf raises `TrainingDiverged` without saving.
 Resuming restores weights, optimizer moments, the RNG and the data sampler, so a stopped and
 resumed run reproduces the uninterrupted run's losses exactly.
+
+Under torchrun (WORLD_SIZE > 1) the same loop runs data-parallel with DDP, rank 0 alone writing;
+`lmforge.train.distributed` holds the few pieces that keep the ranks in step.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from lmforge.errors import LmforgeError
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.encoder_decoder import EncoderDecoder, EncoderDecoderConfig
 from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.train import distributed
 from lmforge.train.allocator import tune_cpu_allocator
 from lmforge.train.config import DataConfig, TrainConfig
 from lmforge.train.objectives import CausalLM, MaskedLM, Seq2SeqLM, add_stats, move_batch
@@ -229,7 +233,8 @@ def train(
     """
     tc, run_dir = train_config, Path(out_dir)
     data = open_data(data_config.path)
-    device = resolve_device(tc.device)
+    # under torchrun: join the process group; this rank's device (cuda:LOCAL_RANK on GPUs)
+    ranks, device = distributed.setup(resolve_device(tc.device))
     if device.type == "cpu":
         tune_cpu_allocator()
 
@@ -263,6 +268,8 @@ def train(
             refuse_quantized(init_model, "train")
             model.load_state_dict(init_model.state_dict())
         model = model.to(device)
+    if tc.activation_checkpointing:
+        checkpoint_blocks(model)
     if data.vocab_size > model_config.vocab_size:
         raise LmforgeError(
             f"the data's tokenizer has {data.vocab_size} tokens but model.vocab_size is {model_config.vocab_size}"
@@ -273,6 +280,8 @@ def train(
     model.train()
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
     batches = objective.sampler("train", tc.batch_size, seed=tc.seed)
+    if ranks.enabled:  # this rank's share of the one stream of micro-batches
+        batches = distributed.RankBatches(batches, ranks.rank, ranks.world_size)
     has_val = data.tokens("val") > 0
     if has_val:  # fail now, not at the first eval, when val is smaller than the context
         objective.sampler("val", tc.batch_size, seed=tc.seed)
@@ -292,19 +301,30 @@ def train(
             state["evals_since_best"],
         )
         precision = state["precision"]
-        _truncate_metrics(run_dir / METRICS_FILE, start_iter)
+        if ranks.is_main:
+            _truncate_metrics(run_dir / METRICS_FILE, start_iter)
     else:
         probe = objective.sampler("train", tc.batch_size, seed=tc.seed + 1)
         precision, timings = resolve_precision(
             tc.precision, model, probe.next_batch, device, loss_fn=objective.loss
         )
-        if timings:
+        precision = distributed.from_main(ranks, precision)  # rank 0's measurement decides
+        if timings and ranks.is_main:
             tqdm.write(
                 f"precision auto: measured fp32 {timings['fp32_s'] * 1e3:.1f} ms, bf16 {timings['bf16_s'] * 1e3:.1f} ms "
                 f"per forward+backward ({timings['bf16_speedup']:.2f}x) -> {precision}"
             )
+    if ranks.enabled:  # dropout masks differ between ranks; resumable on any number of ranks
+        torch.manual_seed(distributed.rank_seed(tc.seed, ranks.rank, start_iter))
     ctx = autocast_context(device.type, precision)
-    train_model = torch.compile(model) if tc.compile else model
+
+    def probe_loss() -> torch.Tensor:  # one batch's loss, for DDP to find unused parameters
+        with ctx:
+            probe = objective.sampler("train", tc.batch_size, seed=tc.seed + 1)
+            return objective.loss(model, move_batch(probe.next_batch(), device))
+
+    ddp_model = distributed.wrap_model(model, ranks, device, probe_loss)  # or `model` itself
+    train_model = torch.compile(ddp_model) if tc.compile else ddp_model
 
     if isinstance(model, GPT):
         seq_len, flops_per_token = model_config.block_size, model.flops_per_token()
@@ -317,21 +337,30 @@ def train(
     else:  # the MLM decoder scores only the masked positions
         seq_len = data_config.max_length
         flops_per_token = model.flops_per_token(seq_len, data_config.mlm_probability)
-    tqdm.write(
+    say = tqdm.write if ranks.is_main else _quiet
+    say(
         f"model: {type(model).__name__}, {model.num_params() / 1e6:.2f}M parameters, "
         f"{flops_per_token / 1e6:.1f} MFLOPs per token (6N + 12LdT), objective {objective.name}, "
         f"context {seq_len}, vocab {model_config.vocab_size}; up to "
-        f"{tc.batch_size * tc.grad_accum_steps * seq_len:,} tokens per step, precision {precision}"
+        f"{tc.batch_size * tc.grad_accum_steps * ranks.world_size * seq_len:,} tokens per step, "
+        f"precision {precision}" + (f", {ranks.world_size} ranks (DDP)" if ranks.enabled else "")
     )
     peak = measure_matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = (run_dir / METRICS_FILE).open("a")
+    metrics = None
+    if ranks.is_main:  # only rank 0 writes files
+        run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = (run_dir / METRICS_FILE).open("a")
 
     def log(record: dict[str, Any]) -> None:
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+        if metrics is not None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
 
     def save(it: int, name: str = "last") -> None:
+        # DDP replicates the weights and the optimizer, and all ranks share one data stream
+        # state: rank 0's copy is the whole state, and resumes on any number of ranks
+        if not ranks.is_main:
+            return
         train_state = None
         if name == "last":
             train_state = {
@@ -342,6 +371,7 @@ def train(
                 "best_val_loss": best_val,
                 "evals_since_best": evals_since_best,
                 "precision": precision,
+                "world_size": ranks.world_size,  # for the record; resuming works on any
             }
         save_checkpoint(
             run_dir / name,
@@ -358,24 +388,29 @@ def train(
     bar = tqdm(
         total=tc.max_iters,
         initial=start_iter,
-        disable=not progress,
+        disable=not progress or not ranks.is_main,
         dynamic_ncols=True,
         desc="train",
     )
-    with _GracefulStop() as stop:
+    with _GracefulStop(say) as stop:
         loss_acc, n_acc, tokens_acc = 0.0, 0, 0
         while True:
+            out_of_time = tc.max_time is not None and time.perf_counter() - t_start > tc.max_time
+            # all ranks stop at the same step, whichever rank saw the signal or the clock
+            interrupted, out_of_time = distributed.any_rank(ranks, stop.requested, out_of_time)
             if it >= tc.max_iters:
                 stop_reason = "max_iters"
-            elif stop.requested:
+            elif interrupted:
                 stop_reason = "interrupted"
-            elif tc.max_time is not None and time.perf_counter() - t_start > tc.max_time:
+            elif out_of_time:
                 stop_reason = "max_time"
             # evaluate and checkpoint on the interval and when stopping (a resumed step was done already)
             if (it % tc.eval_interval == 0 or stop_reason) and not (
                 state is not None and it == start_iter
             ):
-                last_eval = estimate_loss(model, objective, tc, ctx, has_val)
+                # every rank evaluates the same batches; rank 0's numbers decide for all
+                last_eval = distributed.from_main(
+                    ranks, estimate_loss(model, objective, tc, ctx, has_val))
                 key = "val_loss" if has_val else "train_loss"
                 if not math.isfinite(last_eval[key]):
                     raise TrainingDiverged(
@@ -389,7 +424,7 @@ def train(
                 else:
                     evals_since_best += 1
                 save(it, "last")
-                bar.write(f"iter {it}: {_eval_line(last_eval)}" + (" *best*" if improved else ""))
+                say(f"iter {it}: {_eval_line(last_eval)}" + (" *best*" if improved else ""))
                 if tc.patience and evals_since_best >= tc.patience and not stop_reason:
                     stop_reason = "early_stopping"
                 # evaluation time is not training throughput: restart the log window
@@ -409,14 +444,19 @@ def train(
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_loss = 0.0
-            for _ in range(tc.grad_accum_steps):
+            step_loss, step_tokens = 0.0, 0
+            for micro in range(tc.grad_accum_steps):
                 batch = move_batch(batches.next_batch(), device, non_blocking=True)
-                tokens_acc += objective.tokens(batch)
-                with ctx:
-                    loss = objective.loss(train_model, batch) / tc.grad_accum_steps
-                loss.backward()
+                step_tokens += objective.tokens(batch)
+                # DDP: all-reduce the gradients on the last micro-step only
+                with distributed.sync_context(ddp_model, micro == tc.grad_accum_steps - 1):
+                    with ctx:
+                        loss = objective.loss(train_model, batch) / tc.grad_accum_steps
+                    loss.backward()
                 step_loss += loss.item()
+            # the mean loss over ranks, the tokens of all ranks (one process: as they are)
+            step_loss, step_tokens = distributed.reduce_step(ranks, step_loss, step_tokens)
+            tokens_acc += step_tokens
             if not math.isfinite(step_loss):
                 raise TrainingDiverged(_diverged_message(f"loss is {step_loss}", it, run_dir))
             if tc.grad_clip > 0:
@@ -436,7 +476,7 @@ def train(
             if it % tc.log_interval == 0:
                 dt = time.perf_counter() - t_log
                 tok_s = tokens_acc / dt
-                mfu = flops_per_token * tok_s / peak
+                mfu = flops_per_token * tok_s / (peak * ranks.world_size)  # peak is one device's
                 record = {
                     "iter": it,
                     "kind": "train",
@@ -451,8 +491,10 @@ def train(
                 )
                 t_log, loss_acc, n_acc, tokens_acc = time.perf_counter(), 0.0, 0, 0
     bar.close()
-    metrics.close()
-    _plot(run_dir)
+    if metrics is not None:
+        metrics.close()
+        _plot(run_dir)
+    distributed.teardown(ranks)
     return TrainResult(run_dir, it, stop_reason, best_val, last_eval, time.perf_counter() - t_start)
 
 
@@ -486,6 +528,26 @@ def estimate_loss(
         out.update(objective.summarize(sums, split))
     model.train(was_training)
     return out
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> None:
+    """Activation checkpointing: each transformer block keeps only its input for backward and
+    recomputes its activations there (about one more forward pass of compute, for the memory of
+    the activations inside every block). Patches the blocks' forward, so parameter names and checkpoints stay
+    as they are."""
+    from torch.utils.checkpoint import checkpoint
+
+    from lmforge.nn.block import Block
+
+    for module in model.modules():
+        if isinstance(module, Block):
+            forward = module.forward
+            module.forward = lambda *args, _f=forward, **kwargs: checkpoint(
+                _f, *args, use_reentrant=False, **kwargs)
+
+
+def _quiet(*args, **kwargs) -> None:
+    """Where ranks other than 0 would print."""
 
 
 def _eval_line(metrics: dict[str, float]) -> str:
@@ -545,6 +607,9 @@ class _GracefulStop:
     """First Ctrl-C/SIGTERM asks the loop to save and stop after the current step; a second
     Ctrl-C raises KeyboardInterrupt at once (atomic writes keep the last checkpoint whole)."""
 
+    def __init__(self, say: Callable[[str], None] = tqdm.write):
+        self.say = say  # ranks other than 0 stop as quietly
+
     def __enter__(self) -> _GracefulStop:
         self.requested = False
         self._previous = {}
@@ -557,7 +622,7 @@ class _GracefulStop:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        tqdm.write(
+        self.say(
             "stopping: finishing this step and saving a checkpoint (Ctrl-C again to abort without saving)"
         )
 
