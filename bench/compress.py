@@ -316,7 +316,8 @@ def bert_variants(args: argparse.Namespace, work: Path) -> dict[str, tuple[Path,
     for scheme in QUANT_SCHEMES:
         dst = work / f"sst2-{scheme}"
         if not dst.exists():
-            lmforge("quantize", str(teacher), "--scheme", scheme, "--group-size", "32", "--out", str(dst))
+            group = ["--group-size", "32"] if scheme == "int4-weight" else []
+            lmforge("quantize", str(teacher), "--scheme", scheme, *group, "--out", str(dst))
         variants[scheme] = (dst, "fp32")
     for method in ("heads", "ffn"):
         dst = work / f"sst2-{method}30"
