@@ -42,6 +42,7 @@ apart, the keys/values once per source), or when the int4 kernel cannot take its
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -120,7 +121,7 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---- the modules ---------------------------------------------------------------------------
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Module, ABC):
     """What the three schemes share: the shape, an optional float bias, the call on (..., K)
     inputs, and `weight` for code that reads a Linear's matrix directly."""
 
@@ -143,12 +144,13 @@ class QuantizedLinear(nn.Module):
         module._float = torch.zeros(0, dtype=linear.weight.dtype)
         return module.to(linear.weight.device)
 
+    @abstractmethod
     def _set_weight(self, weight: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Quantize a float (N, K) weight into this scheme's buffers."""
 
+    @abstractmethod
     def dequantize(self) -> torch.Tensor:
         """The float32 (N, K) matrix the quantized weights stand for."""
-        raise NotImplementedError
 
     @property
     def weight(self) -> torch.Tensor:
@@ -171,8 +173,9 @@ class QuantizedLinear(nn.Module):
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
+    @abstractmethod
     def _cpu_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """x (M, K) @ the weight^T through this scheme's torch CPU kernel."""
 
     def _reference_matmul(self, x: torch.Tensor) -> torch.Tensor:
         # the weight-only kernels take bf16 activations and round their fp32 sums to bf16
