@@ -94,9 +94,12 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     train_state: dict[str, Any] | None = None,
     source_tokenizer: Tokenizer | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a complete checkpoint folder atomically; `extra` adds sections to config.json. An
-    encoder-decoder's separate `source_tokenizer` goes into SOURCE_TOKENIZER_DIR/."""
+    encoder-decoder's separate `source_tokenizer` goes into SOURCE_TOKENIZER_DIR/. `weights`
+    replaces the model's own tensors (an FSDP model's, gathered whole by
+    `train.distributed.gather_state`: in the layout `weights_state_dict` gives)."""
     directory = Path(directory)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -111,7 +114,7 @@ def save_checkpoint(
     if (quantization := quantization_meta(model)) is not None:
         meta["quantization"] = quantization
     with atomic_dir(directory) as tmp:
-        tensors = weights_state_dict(model)
+        tensors = weights_state_dict(model) if weights is None else weights
         if "sparsity" in meta:  # pruned matrices stored as bitmask + values (lmforge.compress.prune)
             from lmforge.compress.prune import encode_sparse
 

@@ -10,13 +10,14 @@
     lmforge fill-mask CKPT TEXT         top tokens for each [MASK] (BERT)
     lmforge embed CKPT --text ...       sentence embeddings (BERT)
     lmforge finetune --base CKPT ...    fine-tune BERT (classification, NER), an encoder-decoder, or a
-                                        GPT on conversations (--task chat)
+                                        GPT on conversations (--task chat); several BERT tasks over one
+                                        encoder with --task multitask --config FILE
     lmforge chat CKPT                   chat in the terminal with the checkpoint's chat template
     lmforge predict CKPT --text ...     labels or entities from a fine-tuned checkpoint
     lmforge distill --teacher CKPT ...  distil a GPT or BERT teacher into a smaller student
     lmforge prune CKPT --method M ...   remove weights, attention heads or MLP neurons (+ recovery)
     lmforge quantize CKPT --scheme S    int8 / int4 weights (and int8 activations) for a smaller model
-    lmforge lora merge BASE ADAPTER     fold a LoRA adapter (finetune --lora) into its base checkpoint
+    lmforge lora merge BASE ADAPTER     fold a LoRA adapter (finetune/train --lora) into its base checkpoint
     lmforge convert SRC DST             lmforge <-> Hugging Face checkpoints
     lmforge serve CKPT                  OpenAI-compatible server with continuous batching
 
@@ -172,9 +173,17 @@ def build_run_configs(
 
 def cmd_train(args: argparse.Namespace) -> None:
     from lmforge.train import train
+    from lmforge.train.lora import BLOCK_LINEARS
 
     if args.data is None and not args.resume:
         raise LmforgeError("--data DATA_DIR is required (a folder made by `lmforge prepare`)")
+    lora = _lora_config(args, BLOCK_LINEARS)
+    if args.resume and (args.init_from or lora is not None):
+        raise LmforgeError(f"--resume continues the run with its own settings (its base and LoRA included); "
+                           f"drop {', '.join(['--init-from'] * bool(args.init_from) + _lora_flags_given(args))}")
+    if lora is not None and args.init_from is None and not args.resume:
+        raise LmforgeError("--lora trains adapters over a pretrained model, not random weights: add "
+                           "--init-from CKPT (an lmforge checkpoint or run folder, or a Hugging Face folder)")
     if args.nproc is not None:
         if args.nproc < 1:
             raise LmforgeError(f"--nproc must be >= 1, got {args.nproc}")
@@ -185,11 +194,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 
             relaunch(args.nproc, _train_args(args))  # each rank runs this command without --nproc
             return
+    init = _init_from(args) if args.init_from is not None else None
     model_config, train_config, data_config = build_run_configs(
         args.data, args.out, args.preset, args.config, args.set or [], args.resume
     )
+    if init is not None:  # the model is the checkpoint's; its token ids must be the data's
+        model_config = init.model.config
+        _check_same_vocabulary(init.tokenizer, data_config.path, args.init_from)
     result = train(model_config if not args.resume else None, train_config, data_config, args.out,
-                   resume=args.resume, progress=not args.no_progress)
+                   resume=args.resume, progress=not args.no_progress,
+                   init_model=None if init is None else init.model, lora=lora, base=args.init_from)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
         return
     summary = f"stopped ({result.stop_reason}) at iter {result.iters} after {result.seconds:.0f}s"
@@ -201,13 +215,47 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _train_args(args: argparse.Namespace) -> list[str]:
     """The `train` command line of `args` without --nproc: what each rank runs."""
     argv = ["train", "--out", args.out]
-    for flag, value in (("--data", args.data), ("--preset", args.preset), ("--config", args.config)):
+    for flag, value in (("--data", args.data), ("--preset", args.preset), ("--config", args.config),
+                        ("--init-from", args.init_from),
+                        *((f"--{name.replace('_', '-')}", getattr(args, name)) for name in LORA_FLAGS)):
         if value is not None:
-            argv += [flag, value]
+            argv += [flag, str(value)]
     if args.set:
         argv += ["--set", *args.set]
-    argv += ["--resume"] * args.resume + ["--no-progress"] * args.no_progress
+    argv += ["--resume"] * args.resume + ["--no-progress"] * args.no_progress + ["--lora"] * args.lora
     return argv
+
+
+def _init_from(args: argparse.Namespace):
+    """The checkpoint `--init-from` names: the run's model, architecture and weights; an option
+    that would change the model is an error rather than silently ignored."""
+    from lmforge.checkpoint import load_checkpoint
+    from lmforge.config import load_config_file, parse_overrides
+    from lmforge.train import DataConfig, TrainConfig
+
+    ckpt = load_checkpoint(args.init_from)
+    sections = {"model": type(ckpt.model.config), "train": TrainConfig, "data": DataConfig}
+    model_keys = [f"model.{k}" for k in parse_overrides(args.set or [], sections)["model"]]
+    in_file = sorted({"model", "preset"} & set(load_config_file(args.config))) if args.config else []
+    if args.preset or model_keys or in_file:
+        wrong = ["--preset"] * bool(args.preset) + model_keys + [f"{name} in {args.config}" for name in in_file]
+        raise LmforgeError(f"--init-from takes the model from the checkpoint; drop {', '.join(wrong)}")
+    return ckpt
+
+
+def _check_same_vocabulary(tokenizer, data_path: str, checkpoint: str) -> None:
+    """Training from a checkpoint reads the data's token ids with the checkpoint's embeddings."""
+    from lmforge.data import open_data
+
+    data_tokenizer = open_data(data_path).tokenizer
+    if tokenizer.backend.get_vocab(with_added_tokens=True) != data_tokenizer.backend.get_vocab(
+            with_added_tokens=True):
+        raise LmforgeError(
+            f"{data_path!r} was prepared with another tokenizer ({data_tokenizer.kind}, "
+            f"{data_tokenizer.vocab_size} tokens) than {checkpoint!r} has ({tokenizer.kind}, "
+            f"{tokenizer.vocab_size} tokens); training from a checkpoint needs its token ids: use the data "
+            f"it was trained on, or data prepared the same way"
+        )
 
 
 # ---- generate --------------------------------------------------------------------------------
@@ -469,12 +517,21 @@ def torch_cosine(vectors):
 
 # ---- finetune, predict -----------------------------------------------------------------------
 def cmd_finetune(args: argparse.Namespace) -> None:
+    from lmforge.train.distributed import refuse_distributed
     from lmforge.train.finetune import FinetuneConfig, finetune
 
+    if args.task == "multitask" or (
+        args.resume and args.task is None and (Path(args.out) / "last" / "multitask.json").is_file()
+    ):
+        refuse_distributed("lmforge finetune --task multitask")
+        return _finetune_multitask(args)
+    if args.config is not None:
+        raise LmforgeError("--config is for --task multitask (a file of tasks); the other tasks take "
+                           "their settings as options")
     if args.task == "seq2seq" or (args.resume and args.task is None and (Path(args.out) / "data").is_dir()):
-        return _finetune_seq2seq(args)
+        return _finetune_seq2seq(args)  # under torchrun too: it trains with `train`
+    refuse_distributed(f"lmforge finetune --task {args.task}" if args.task else "lmforge finetune")
     if args.task == "chat":
-        _refuse_lora(args, "chat")
         return _finetune_chat(args)
     for name in ("train_target", "dev_target", "source_field", "target_field", "label_smoothing"):
         if getattr(args, name) is not None:
@@ -508,48 +565,82 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 LORA_FLAGS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_targets": "target_modules"}
 
 
-def _lora_config(args: argparse.Namespace):
-    """The LoraConfig of `--lora` and its `--lora-*` flags; None without --lora."""
+def _lora_config(args: argparse.Namespace, default_targets: tuple[str, ...] | None = None):
+    """The LoraConfig of `--lora` and its `--lora-*` flags; None without --lora. Without
+    --lora-targets: `default_targets`, else LoraConfig's (c_attn)."""
     from lmforge.train.lora import LoraConfig
 
     given = {field: getattr(args, flag) for flag, field in LORA_FLAGS.items() if getattr(args, flag) is not None}
     if not args.lora:
         if given:
-            flags = ", ".join(f"--{flag.replace('_', '-')}" for flag in LORA_FLAGS if getattr(args, flag) is not None)
-            raise LmforgeError(f"{flags} set LoRA options; add --lora to fine-tune with LoRA")
+            raise LmforgeError(f"{', '.join(_lora_flags_given(args))} set LoRA options; add --lora to train with "
+                               f"LoRA")
         return None
+    if default_targets is not None:
+        given.setdefault("target_modules", default_targets)
     return LoraConfig(**given)
 
 
-def _refuse_lora(args: argparse.Namespace, task: str) -> None:
-    if args.lora or any(getattr(args, flag) is not None for flag in LORA_FLAGS):
-        raise LmforgeError(f"--lora is for BERT tasks (classification, token-classification) for now; "
-                           f"--task {task} fine-tuning trains every weight")
+def _lora_flags_given(args: argparse.Namespace) -> list[str]:
+    return ["--lora"] * args.lora + [f"--{flag.replace('_', '-')}" for flag in LORA_FLAGS
+                                     if getattr(args, flag) is not None]
 
 
 def _finetune_seq2seq(args: argparse.Namespace) -> None:
+    from lmforge.train.lora import BLOCK_LINEARS
     from lmforge.train.seq2seq import finetune_seq2seq
 
-    _refuse_lora(args, "seq2seq")
     options = ("max_length", "epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "grad_clip",
                "patience", "precision", "seed", "device", "label_smoothing", "source_field", "target_field",
                "train_target", "dev_target")
     given = {k: getattr(args, k) for k in options if getattr(args, k) is not None}
-    if args.resume and given:
-        flags = ", ".join(f"--{k.replace('_', '-')}" for k in given)
-        raise LmforgeError(f"--resume continues the run with its own settings; drop {flags}")
+    if args.resume and (given or _lora_flags_given(args)):
+        flags = ", ".join([f"--{k.replace('_', '-')}" for k in given] + _lora_flags_given(args))
+        raise LmforgeError(f"--resume continues the run with its own settings (LoRA included); drop {flags}")
     for name in ("text_column", "pair_column", "label_column", "eval_batch_size"):
         if getattr(args, name) is not None:
             raise LmforgeError(f"--{name.replace('_', '-')} does not apply to --task seq2seq")
     result = finetune_seq2seq(args.base, args.train, args.dev, args.out, resume=args.resume,
-                              progress=not args.no_progress, **given)
+                              progress=not args.no_progress, lora=_lora_config(args, BLOCK_LINEARS), **given)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return
     best = f"; best dev loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""
     print(f"stopped ({result.stop_reason}) at step {result.iters} after {result.seconds:.0f}s{best}; "
           f"checkpoints in {result.run_dir}/best and {result.run_dir}/last")
 
 
+def _finetune_multitask(args: argparse.Namespace) -> None:
+    from lmforge.train.multitask import finetune_multitask, load_multitask_config
+
+    # everything else lives in the config file, so a flag here would silently compete with it
+    own = {"command", "func", "task", "config", "out", "resume", "no_progress"}
+    wrong = [f"--{k.replace('_', '-')}" for k, v in vars(args).items() if k not in own and v not in (None, False)]
+    if wrong:
+        raise LmforgeError(f"{', '.join(wrong)} do(es) not apply to --task multitask: set the base, the files "
+                           f"and the training options in the --config file")
+    if args.resume:
+        if args.config is not None:
+            raise LmforgeError("--resume continues the run with its own config (RUN_DIR/last/multitask.json); "
+                               "drop --config")
+        config = None
+    elif args.config is None:
+        raise LmforgeError("--task multitask needs --config FILE (.toml or .yaml): base, training options and "
+                           "a list of tasks (or --resume to continue the run in --out)")
+    else:
+        config = load_multitask_config(args.config)
+    result = finetune_multitask(config, args.out, progress=not args.no_progress, resume=args.resume)
+    best = next((r for r in reversed(result.history) if r["step"] == result.best_step), None)
+    shown = "" if best is None else " (" + ", ".join(
+        f"{name} {t['score']:.4f}" for name, t in best["tasks"].items()) + ")"
+    print(f"stopped ({result.stop_reason}) at step {result.steps} after {result.seconds:.0f}s; steps per task: "
+          + ", ".join(f"{name} {n}" for name, n in result.task_steps.items())
+          + f"; best score {result.best_score:.4f} at step {result.best_step}{shown}; "
+          f"checkpoints in {result.out_dir}/best/<task> and {result.out_dir}/last/<task>")
+
+
 def _finetune_chat(args: argparse.Namespace) -> None:
     from lmforge.train.chat import ChatConfig, finetune_chat
+    from lmforge.train.lora import BLOCK_LINEARS
 
     options = ("max_length", "epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "grad_clip",
                "precision", "seed", "device")
@@ -562,7 +653,8 @@ def _finetune_chat(args: argparse.Namespace) -> None:
     if missing:
         raise LmforgeError(f"{', '.join(missing)} required for --task chat")
     config = ChatConfig(**{k: getattr(args, k) for k in options if getattr(args, k) is not None})
-    result = finetune_chat(args.base, args.train, args.out, args.dev, config, progress=not args.no_progress)
+    result = finetune_chat(args.base, args.train, args.out, args.dev, config, progress=not args.no_progress,
+                           lora=_lora_config(args, BLOCK_LINEARS))
     best = f"; best dev loss {result.best_dev_loss:.4f}" if result.best_dev_loss is not None else ""
     print(f"stopped ({result.stop_reason}) after {result.epochs} epoch(s), {result.steps} steps, "
           f"{result.conversations} conversations ({result.dropped} dropped: too long){best}; "
@@ -878,6 +970,15 @@ def _add_generation_options(p: argparse.ArgumentParser, greedy_default: bool = F
     g.add_argument("--seed", type=int, default=None)
 
 
+def _add_lora_options(p: argparse.ArgumentParser, what: str, targets: str) -> None:
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora", action="store_true", help=f"LoRA: {what}")
+    g.add_argument("--lora-rank", type=int, help="rank r of the adapters (default: 8)")
+    g.add_argument("--lora-alpha", type=float, help="the update is scaled by alpha / r (default: 16)")
+    g.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default: 0)")
+    g.add_argument("--lora-targets", help=f"comma-separated Linear layers to adapt, names or suffixes ({targets})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Train, evaluate and sample Transformer LMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -926,6 +1027,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, metavar="N",
                    help="data-parallel (DDP) training on N processes of this machine: a shortcut for "
                         "`torchrun --standalone --nproc-per-node N -m lmforge train ...`")
+    p.add_argument("--init-from", metavar="CKPT",
+                   help="start from this checkpoint's weights and model config (lmforge checkpoint or run "
+                        "folder, or Hugging Face folder); DATA_DIR must use its tokenizer")
+    _add_lora_options(p, "with --init-from: train low-rank adapters over its frozen weights; best/ and last/ "
+                         "are written merged, RUN_DIR/adapter/ holds the best adapter alone",
+                      "default: c_attn,c_proj,c_fc")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="generate text from a checkpoint")
@@ -1003,10 +1110,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from last/ (same settings and files)")
     p.add_argument("--out", required=True, help="RUN_DIR for best/, last/ and metrics.jsonl")
-    p.add_argument("--task", choices=("classification", "token-classification", "seq2seq", "chat"), default=None,
+    p.add_argument("--task", choices=("classification", "token-classification", "seq2seq", "chat", "multitask"),
+                   default=None,
                    help="classification (default), token-classification (CoNLL files, e.g. NER), "
-                        "seq2seq (an encoder-decoder base on sentence pairs) or chat (a GPT base on "
-                        "conversations: JSONL {\"messages\": [...]})")
+                        "seq2seq (an encoder-decoder base on sentence pairs), chat (a GPT base on "
+                        "conversations: JSONL {\"messages\": [...]}) or multitask (several BERT tasks over "
+                        "one encoder, set up in --config)")
+    p.add_argument("--config", help="--task multitask only: TOML/YAML file with base, steps, sampling, ... and a "
+                                    "list of tasks (name, type, train_file, dev_file, weight)")
     p.add_argument("--train-target", help="seq2seq: target file aligned with --train (else --train is a "
                                           "TSV/CSV/JSONL of pairs)")
     p.add_argument("--dev-target", help="seq2seq: target file aligned with --dev")
@@ -1031,14 +1142,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plain shuffled batches (default: batches of similar lengths, less padding)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--lora", action="store_true",
-                   help="LoRA: train low-rank adapters (and the head) over the frozen encoder; best/ and last/ "
-                        "are written merged, RUN_DIR/adapter/ holds the best adapter alone")
-    p.add_argument("--lora-rank", type=int, help="rank r of the adapters (default: 8)")
-    p.add_argument("--lora-alpha", type=float, help="the update is scaled by alpha / r (default: 16)")
-    p.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default: 0)")
-    p.add_argument("--lora-targets", help="comma-separated Linear layers to adapt, names or suffixes "
-                                          "(default: c_attn; e.g. c_attn,c_proj,c_fc)")
+    _add_lora_options(p, "train low-rank adapters over the frozen base (and a BERT task's head in full); "
+                         "best/ and last/ are written merged, RUN_DIR/adapter/ holds the best adapter alone; "
+                         "chat: the base may be int8/int4-quantized (QLoRA)",
+                      "default: c_attn for BERT tasks, c_attn,c_proj,c_fc for chat and seq2seq")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("distill", help="distil a GPT or BERT teacher into a smaller student")
@@ -1163,9 +1270,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the commands that run distributed under torchrun (WORLD_SIZE > 1); the others would run as N
+# copies writing the same files, and refuse (`finetune` decides by its task)
+DISTRIBUTED_COMMANDS = ("train", "finetune")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command not in DISTRIBUTED_COMMANDS:
+            from lmforge.train.distributed import refuse_distributed
+
+            refuse_distributed(f"lmforge {args.command}")
         args.func(args)
     except LmforgeError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)

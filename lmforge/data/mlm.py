@@ -22,7 +22,8 @@ every other label is -100. With whole-word masking the choice is made per word (
 no batch has an MLM loss over nothing.
 
 All randomness comes from the sampler's own generator: a seed fixes the batches (so evaluation
-always scores the same ones) and `state_dict` resumes the sequence exactly.
+always scores the same ones) and `state_dict` resumes the sequence exactly. The masking itself is
+`MlmMasker`, which multi-task fine-tuning also uses on lines of a text file.
 """
 
 from __future__ import annotations
@@ -69,14 +70,10 @@ class PretrainingBatches:
             max_length > specials + (1 if nsp else 0),
             f"max_length must leave room for [CLS], [SEP] and text, got {max_length}",
         )
-        check(
-            0 < mlm_probability < 1, f"mlm_probability must be in (0, 1), got {mlm_probability}"
-        )
         tokenizer = data.tokenizer
         self.cls_id, self.sep_id, self.mask_id, self.pad_id = _special_ids(tokenizer)
         self.split, self.batch_size, self.max_length, self.nsp = split, batch_size, max_length, nsp
         self.budget = max_length - specials  # text tokens per example
-        self.mlm_probability, self.whole_word_masking = mlm_probability, whole_word_masking
         self.short_seq_probability = short_seq_probability
         self.stream = data.stream(split)
         self.sentence_starts, self.document_starts = data.sentence_index(split)
@@ -89,15 +86,7 @@ class PretrainingBatches:
                 "prediction draws random segments from other documents, so it needs at least 2 "
                 "(train.objective=mlm needs none)"
             )
-        vocab_size = tokenizer.vocab_size
-        special = torch.zeros(vocab_size, dtype=torch.bool)
-        special[[i for i in _all_special_ids(tokenizer) if i < vocab_size]] = True
-        self.ordinary_ids = (~special).nonzero().flatten()  # what a "random token" is drawn from
-        self.special_table = special
-        self.continuation = torch.zeros(vocab_size, dtype=torch.bool)  # "##" pieces
-        for token, i in tokenizer.backend.get_vocab().items():
-            if token.startswith("##") and i < vocab_size:
-                self.continuation[i] = True
+        self.masker = MlmMasker(tokenizer, mlm_probability, whole_word_masking)
         self.generator = torch.Generator().manual_seed(seed)  # never the global RNG
         self.batches_drawn = 0
 
@@ -191,8 +180,52 @@ class PretrainingBatches:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Dynamic MLM masking of a (B, T) batch; returns (masked input_ids, labels)."""
-        g, p = self.generator, self.mlm_probability
-        eligible = ~self.special_table[input_ids] & attention_mask.bool()
+        return self.masker.mask(input_ids, attention_mask, self.generator)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "batches_drawn": self.batches_drawn}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.batches_drawn = int(state["batches_drawn"])
+
+
+class MlmMasker:
+    """Dynamic masked-LM masking (see the module docstring) for a tokenizer's vocabulary; every
+    random draw comes from the generator passed in, so the caller owns (and resumes) the sequence.
+
+    Shared by BERT pretraining (`PretrainingBatches`) and the masked-LM task of multi-task
+    fine-tuning (`lmforge.train.multitask`), which masks lines of a text file.
+    """
+
+    def __init__(
+        self, tokenizer: Tokenizer, mlm_probability: float = 0.15, whole_word_masking: bool = False
+    ):
+        check(
+            0 < mlm_probability < 1, f"mlm_probability must be in (0, 1), got {mlm_probability}"
+        )
+        _, _, self.mask_id, self.pad_id = _special_ids(tokenizer)
+        self.mlm_probability, self.whole_word_masking = mlm_probability, whole_word_masking
+        vocab_size = tokenizer.vocab_size
+        special = torch.zeros(vocab_size, dtype=torch.bool)
+        special[[i for i in _all_special_ids(tokenizer) if i < vocab_size]] = True
+        self.ordinary_ids = (~special).nonzero().flatten()  # what a "random token" is drawn from
+        self.special_table = special
+        self.continuation = torch.zeros(vocab_size, dtype=torch.bool)  # "##" pieces
+        for token, i in tokenizer.backend.get_vocab().items():
+            if token.startswith("##") and i < vocab_size:
+                self.continuation[i] = True
+
+    def maskable(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Which tokens masking may choose: the ordinary ones (not [CLS], [SEP], [PAD], ...)."""
+        return ~self.special_table[input_ids]
+
+    def mask(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask a (B, T) batch; returns (masked input_ids, labels), labels -100 where not chosen."""
+        g, p = generator, self.mlm_probability
+        eligible = self.maskable(input_ids) & attention_mask.bool()
         # the units chosen from: tokens, or words (a first piece, or a "##" piece whose word
         # start was trimmed away, i.e. one right after a special token)
         units = eligible
@@ -221,13 +254,6 @@ class PretrainingBatches:
         masked = torch.where(to_random, random_ids, masked)
         return masked, labels
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "batches_drawn": self.batches_drawn}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
-        self.batches_drawn = int(state["batches_drawn"])
-
 
 def _special_ids(tokenizer: Tokenizer) -> tuple[int, int, int, int]:
     ids = {
@@ -236,7 +262,7 @@ def _special_ids(tokenizer: Tokenizer) -> tuple[int, int, int, int]:
     missing = [f"[{name.upper()}]" for name, i in ids.items() if i is None]
     if missing:
         raise LmforgeError(
-            f"BERT pretraining needs a tokenizer with [CLS], [SEP], [MASK] and [PAD]; this "
+            f"masked-LM training needs a tokenizer with [CLS], [SEP], [MASK] and [PAD]; this "
             f"{tokenizer.kind} tokenizer lacks {', '.join(missing)} (prepare with --tokenizer wordpiece)"
         )
     return ids["cls"], ids["sep"], ids["mask"], ids["pad"]

@@ -13,6 +13,12 @@ The loop is the BERT fine-tuning loop's (`lmforge.train.finetune`) in miniature,
 failure rules: checkpoints are written whole, a NaN/inf loss raises `TrainingDiverged` before the
 optimizer step, Ctrl-C finishes the step, saves `last` and returns. It has no --resume.
 
+With `lora` (a `LoraConfig`) only low-rank adapters train over the frozen GPT (never its tied
+lm_head): `best`/`last` are written merged, ordinary checkpoints `lmforge chat`/`generate`/`serve`
+load, and RUN_DIR/adapter holds best's adapter alone (last's without a dev file). The base may
+then be an int8/int4 checkpoint from `lmforge quantize` (QLoRA): its integers stay frozen, every
+quantized layer takes an adapter, and the merged checkpoints are float.
+
 Every checkpoint stores the template in tokenizer_config.json (`chat_template`, HF's field), so
 `lmforge chat`, `lmforge serve` and Hugging Face's `apply_chat_template` render the conversations
 the model was trained on.
@@ -38,6 +44,14 @@ from lmforge.data.tasks import IGNORE_INDEX
 from lmforge.errors import LmforgeError
 from lmforge.models.gpt import GPT
 from lmforge.train.finetune import epoch_batches
+from lmforge.train.lora import (
+    ADAPTER_DIR,
+    LoraConfig,
+    apply_lora,
+    count_parameters,
+    merged_copy,
+    save_adapter,
+)
 from lmforge.train.objectives import move_batch
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.precision import PRECISIONS, autocast_context, resolve_precision
@@ -161,11 +175,12 @@ def finetune_chat(
     *,
     chat_template: str | None = None,
     progress: bool = True,
+    lora: LoraConfig | None = None,
 ) -> ChatResult:
     """Fine-tune the GPT checkpoint `base` on the conversations of `train_file` (JSONL, one
     `{"messages": [...]}` a line); writes `out_dir/last` (+ `out_dir/best`, by dev loss, with
     `dev_file`) and `out_dir/metrics.jsonl`. `chat_template` (Jinja2) replaces the base's own
-    template and the default `SFT_CHAT_TEMPLATE`."""
+    template and the default `SFT_CHAT_TEMPLATE`. `lora` trains adapters only (module docstring)."""
     config, out_dir = config or ChatConfig(), Path(out_dir)
     for name in ("best", "last"):
         if (out_dir / name).exists():
@@ -178,7 +193,8 @@ def finetune_chat(
         )
     from lmforge.compress.quantize import refuse_quantized  # imported here: compress imports train
 
-    refuse_quantized(ckpt.model, "fine-tune")
+    if lora is None:  # with LoRA a quantized base is QLoRA's: apply_lora checks its layers
+        refuse_quantized(ckpt.model, "fine-tune")
     model, tokenizer = ckpt.model, ckpt.tokenizer
     source = chat_template or tokenizer.chat_template or SFT_CHAT_TEMPLATE
     if source == SFT_CHAT_TEMPLATE and tokenizer.eos_token is None:
@@ -201,7 +217,9 @@ def finetune_chat(
                    f"messages all lie past {max_length} tokens")
 
     device = resolve_device(config.device)
-    torch.manual_seed(config.seed)  # dropout
+    torch.manual_seed(config.seed)  # dropout (and the adapters' initialisation)
+    if lora is not None:
+        apply_lora(model, lora)
     model.to(device).train()
     optimizer = make_optimizer(model, config.lr, config.weight_decay, betas=(0.9, 0.999))
     pad_id = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
@@ -213,9 +231,11 @@ def finetune_chat(
     warmup_steps = int(config.warmup_ratio * total_steps)
     generator = torch.Generator().manual_seed(config.seed)  # the shuffling order
     meta = {"chat_finetune": asdict(config), "task": "chat", "base": str(base),
-            "train_file": str(train_file), "dev_file": None if dev_file is None else str(dev_file)}
-    tqdm.write(f"chat fine-tuning {model.num_params() / 1e6:.2f}M parameters on {len(train)} "
-               f"conversations ({precision})")
+            "train_file": str(train_file), "dev_file": None if dev_file is None else str(dev_file),
+            **({"lora": asdict(lora)} if lora is not None else {})}
+    trainable, total = count_parameters(model)
+    shown = f"{model.num_params() / 1e6:.2f}M" if lora is None else f"{trainable:,} of {total:,} (LoRA)"
+    tqdm.write(f"chat fine-tuning {shown} parameters on {len(train)} conversations ({precision})")
 
     step, epoch, stop_reason, history, best = 0, 0, "epochs", [], math.inf
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -259,10 +279,14 @@ def finetune_chat(
                 metrics_file.flush()
                 extra = {**meta, "epoch": epoch, "step": step}
                 improved = dev and record["dev_loss"] < best
+                # a LoRA model is saved merged (a quantized base's layers become float ones)
+                saved = model if lora is None else merged_copy(model)
                 if improved:
                     best = record["dev_loss"]
-                    save_checkpoint(out_dir / "best", model, tokenizer, extra=extra)
-                save_checkpoint(out_dir / "last", model, tokenizer, extra=extra)
+                    save_checkpoint(out_dir / "best", saved, tokenizer, extra=extra)
+                save_checkpoint(out_dir / "last", saved, tokenizer, extra=extra)
+                if lora is not None and (improved or not dev):
+                    save_adapter(model, out_dir / ADAPTER_DIR, base=base)
                 shown = f", dev loss {record['dev_loss']:.4f}" if dev else ""
                 bar.write(f"epoch {epoch}: train loss {record['train_loss']:.4f}{shown}"
                           + (" *best*" if improved else ""))

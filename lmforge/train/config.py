@@ -38,6 +38,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     # recompute each transformer block's activations in backward: less memory, ~1/3 more compute
     activation_checkpointing: bool = False
+    # under torchrun (WORLD_SIZE > 1): ddp replicates the model on every rank, fsdp shards its
+    # weights, gradients and optimizer state across the ranks (see train.distributed)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     device: str = "auto"  # auto: cuda when available, else cpu
     seed: int = 1337
 
@@ -94,6 +97,7 @@ class TrainConfig:
             isinstance(self.activation_checkpointing, bool),
             f"train.activation_checkpointing must be true or false, got {self.activation_checkpointing!r}",
         )
+        check_choice("train.parallel", self.parallel, ("ddp", "fsdp"))
         check(
             self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
             f"train.device={self.device!r} is not valid; use auto, cpu, cuda, cuda:N or mps",

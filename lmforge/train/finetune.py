@@ -105,27 +105,34 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)
-        check_choice("precision", self.precision, PRECISIONS)
-        for name in ("max_length", "epochs", "batch_size", "eval_batch_size"):
-            check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        check(
-            self.max_length >= 3,
-            f"max_length must be >= 3 ([CLS], a token, [SEP]), got {self.max_length}",
-        )
-        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        check(
-            0.0 <= self.warmup_ratio < 1.0,
-            f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}",
-        )
-        check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
-        check(self.patience >= 0, f"patience must be >= 0 (0 = off), got {self.patience}")
+        check_training_settings(self, ("max_length", "epochs", "batch_size", "eval_batch_size"))
         if self.task == "token-classification":
             for name in ("text_column", "pair_column", "label_column"):
                 check(
                     getattr(self, name) is None,
                     f"{name} is for classification files; token classification reads CoNLL files",
                 )
+
+
+def check_training_settings(config: Any, counts: tuple[str, ...]) -> None:
+    """The checks of the settings fine-tuning configs share (this one's and the multi-task
+    one's): precision, max_length, lr, weight_decay, warmup_ratio, grad_clip, patience, and
+    `counts`, the fields that must be >= 1."""
+    check_choice("precision", config.precision, PRECISIONS)
+    for name in counts:
+        check(getattr(config, name) >= 1, f"{name} must be >= 1, got {getattr(config, name)}")
+    check(
+        config.max_length >= 3,
+        f"max_length must be >= 3 ([CLS], a token, [SEP]), got {config.max_length}",
+    )
+    check(config.lr > 0, f"lr must be > 0, got {config.lr}")
+    check(config.weight_decay >= 0, f"weight_decay must be >= 0, got {config.weight_decay}")
+    check(
+        0.0 <= config.warmup_ratio < 1.0,
+        f"warmup_ratio must be in [0, 1), got {config.warmup_ratio}",
+    )
+    check(config.grad_clip >= 0, f"grad_clip must be >= 0 (0 = off), got {config.grad_clip}")
+    check(config.patience >= 0, f"patience must be >= 0 (0 = off), got {config.patience}")
 
 
 @dataclass
@@ -257,13 +264,14 @@ def model_for_task(base: Bert, task: str, labels: list[str]) -> tuple[Bert, list
     """A Bert with the task's head over a copy of `base`'s encoder; returns it and the names of
     the parameters that start fresh (the head, and a pooler the base lacked). A base that already
     has this task's head for the same labels keeps it (fine-tuning a classifier further, e.g. to
-    recover after pruning)."""
+    recover after pruning). Task "mlm" (labels []) keeps the base's masked-LM head wherever it has
+    one (heads "mlm" and "pretraining")."""
     config = from_dict(
         BertConfig,
         {
             **asdict(base.config),
             "head": task,
-            "num_labels": len(labels),
+            "num_labels": len(labels) or base.config.num_labels,
             "labels": list(labels),
             # sentence classification reads the pooled [CLS]; HF's token classifier has no pooler
             "pooler": task == "classification",
@@ -272,10 +280,11 @@ def model_for_task(base: Bert, task: str, labels: list[str]) -> tuple[Bert, list
     )
     model = Bert(config)
     same_head = base.config.head == task and list(base.config.labels or []) == list(labels)
+    kept = ENCODER_PREFIXES + (("mlm.",) if task == "mlm" else ())
     encoder = {
         k: v
         for k, v in base.state_dict().items()
-        if (same_head or k.startswith(ENCODER_PREFIXES)) and k in model.state_dict()
+        if (same_head or k.startswith(kept)) and k in model.state_dict()
     }
     missing, unexpected = model.load_state_dict(encoder, strict=False)
     assert not unexpected, unexpected

@@ -3,7 +3,9 @@
     apply_lora(model, config)   wrap the targeted Linear layers in `LoraLinear`, freeze the rest
     (train: only the adapters, the saved modules and the chosen biases get gradients)
     merge_lora(model)           fold each adapter into its weight: plain nn.Linear layers again
+    merged_state_dict(model)    the same weights as tensors, `model` left adapted (checkpoints mid-run)
     save_adapter / load_adapter the adapter alone: a folder of a few hundred KB instead of a model
+    resume_lora(model, meta, ...) a resumed run: the base back under the saved adapters
 
 A targeted layer computes y = base(x) + (dropout(x) @ A^T @ B^T) * alpha / rank, with the base
 frozen, A (rank, in) Kaiming-uniform and B (out, rank) zero: at the start the model is exactly the
@@ -13,7 +15,8 @@ the base weight, so the merged model costs nothing extra at inference.
 Targets are names matched against module names: "c_attn" hits every module called `c_attn`
 (`h.0.attn.c_attn`, an encoder-decoder's cross-attention's too), "mlp.c_proj" only the MLP's, a
 full path one layer. The shared blocks (`lmforge.nn`) name their layers `c_attn`/`c_proj`
-(attention) and `c_fc`/`c_proj` (MLP), so one config fits GPT, BERT and the encoder-decoder.
+(attention) and `c_fc`/`c_proj` (MLP), so one config fits GPT, BERT and the encoder-decoder;
+`BLOCK_LINEARS` names them all (the generative families' default: QLoRA's "every Linear layer").
 A fresh task head cannot be low-rank: `modules_to_save` names modules trained in full and stored
 in the adapter (PEFT's option of that name).
 
@@ -45,7 +48,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmforge.checkpoint import MODEL_TYPES, Checkpoint, load_checkpoint, model_type_of
+from lmforge.checkpoint import (
+    MODEL_TYPES,
+    Checkpoint,
+    load_checkpoint,
+    model_type_of,
+    weights_state_dict,
+)
 from lmforge.config import check, check_choice, from_dict
 from lmforge.errors import LmforgeError
 from lmforge.fileio import atomic_dir
@@ -54,6 +63,9 @@ ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FORMAT_VERSION = 1
 TRAIN_BIAS = ("none", "all", "lora_only")  # PEFT's `bias` choices
+# every Linear layer of the shared blocks (attention, cross-attention, MLP); never a tied lm_head
+BLOCK_LINEARS = ("c_attn", "c_proj", "c_fc")
+ADAPTER_DIR = "adapter"  # RUN_DIR/adapter: the best checkpoint's adapter alone
 
 
 @dataclass
@@ -289,6 +301,25 @@ def merged_copy(model: nn.Module) -> nn.Module:
     return merge_lora(copy.deepcopy(model))
 
 
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors `merge_lora(model)` would leave (as `checkpoint.weights_state_dict` lists them:
+    a tied tensor once), without changing `model` or copying its unadapted weights. Each merged
+    layer is made on the model's device and moved to the CPU at once, so a checkpoint mid-run
+    costs the memory of one layer, not of a second model. Over a quantized base use `merged_copy`:
+    `save_checkpoint` reads the quantization section off the model it is given, and the adapted
+    model still holds the quantized layers the merged one replaces."""
+    lora_layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+    out = {}
+    for name, tensor in weights_state_dict(model).items():
+        parts = name.split(".")
+        if not any(".".join(parts[:i]) in lora_layers for i in range(1, len(parts))):
+            out[name] = tensor  # not inside an adapted layer: as it is
+    for prefix, module in lora_layers.items():
+        for name, tensor in module.merged().state_dict().items():
+            out[f"{prefix}.{name}"] = tensor.cpu()
+    return out
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameters, a tied tensor counted once."""
     params = list(model.parameters())
@@ -371,6 +402,43 @@ def load_lora_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], whe
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor)
+
+
+def resume_lora(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+                given: LoraConfig | None = None, base_model: nn.Module | None = None, where: str = "") -> LoraConfig:
+    """A LoRA run resumed from its `last` checkpoint: `model` holds the saved (merged) weights,
+    `meta` its config.json (the run's "lora" config and "base" path), `tensors` the adapters from
+    its state.pt. The frozen base (`base_model`, else the checkpoint `meta["base"]` names) goes
+    back under the adapters, in place, and merging must give the saved weights again: else the
+    base is not the one the run started from (moved, retrained), which is an error. Returns the
+    run's LoRA config; `given`, when not None, must equal it."""
+    config = from_dict(LoraConfig, meta["lora"], "lora")
+    if given is not None and given != config:
+        raise LmforgeError(f"{where}: the run trains LoRA {asdict(config)}; a resumed run keeps it (drop the "
+                           f"LoRA options)")
+    if base_model is None:
+        if meta.get("base") is None:
+            raise LmforgeError(f"{where}: the run records no base checkpoint to put under its adapters; "
+                               f"pass the base model")
+        base_model = load_checkpoint(meta["base"], device=next(model.parameters()).device).model
+    saved = {n: t.clone() for n, t in weights_state_dict(model).items()}
+    try:
+        model.load_state_dict(base_model.state_dict())
+    except RuntimeError as e:  # another architecture or size
+        raise LmforgeError(f"{where}: the base {meta.get('base')!r} does not fit the run's model: "
+                           f"{' '.join(str(e).split())[:300]}") from e
+    apply_lora(model, config)
+    load_lora_state_dict(model, tensors, where)
+    merged = merged_state_dict(model)
+    # the same arithmetic on the same weights; a resume on another device may round differently
+    off = [n for n, t in saved.items()
+           if n not in merged or not torch.allclose(merged[n].to(t.device, t.dtype), t, rtol=1e-4, atol=1e-5)]
+    if off:
+        raise LmforgeError(
+            f"{where}: the base {meta.get('base')!r} with the saved adapters does not give the saved "
+            f"model ({len(off)} tensors differ, e.g. {off[0]}); is it the base this run started from?"
+        )
+    return config
 
 
 def load_adapted_checkpoint(base: str | Path | None, directory: str | Path) -> Checkpoint:

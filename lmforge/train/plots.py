@@ -67,3 +67,40 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path) -> Path | None:
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return Path(out_png)
+
+
+def plot_multitask(metrics_path: str | Path, out_png: str | Path) -> Path | None:
+    """Multi-task fine-tuning (`lmforge.train.multitask`): each task's training loss (its mean
+    over the steps it was drawn since the previous evaluation) and its dev score against the
+    step, and the weighted overall score that picks `best`."""
+    records = read_metrics(metrics_path)
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(records[0]["tasks"])
+    fig, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=(14, 5))
+    for name in names:
+        points = [(r["step"], r["tasks"][name]["train_loss"]) for r in records
+                  if r["tasks"][name]["train_loss"] is not None]
+        if points:
+            loss_ax.plot(*zip(*points), "o-", ms=3, label=name)
+        score_ax.plot([r["step"] for r in records], [r["tasks"][name]["score"] for r in records],
+                      "s-", ms=3, label=name)
+    score_ax.plot([r["step"] for r in records], [r["score"] for r in records], "k--", lw=1.5,
+                  label="weighted score")
+    loss_ax.set_yscale("log")  # an MLM loss (~2-5 nats) and a classifier's (~0.1) on one axis
+    loss_ax.set_ylabel("train loss (unweighted)")
+    score_ax.set_ylabel("dev score (accuracy, entity F1, MLM accuracy)")
+    score_ax.set_ylim(0, 1)
+    for ax in (loss_ax, score_ax):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return Path(out_png)

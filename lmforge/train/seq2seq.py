@@ -5,7 +5,11 @@ The pairs are tokenized with the base model's own tokenizer into RUN_DIR/data (a
 folder, see `lmforge.data.parallel`), then `train` runs the seq2seq objective from the base
 weights: epochs become steps, the dev set is scored (loss, token accuracy) after every epoch and
 keeps `best/`, warmup then linear decay to 0 as in HF's `Seq2SeqTrainer`. Resuming, Ctrl-C and
-the NaN guard are the trainer's.
+the NaN guard are the trainer's, and so is distributed training: under torchrun rank 0 alone
+tokenizes the pairs while the other ranks wait, then all of them train (DDP).
+
+With `lora` (a `LoraConfig`) only low-rank adapters train over the frozen base (the trainer's
+LoRA: `best`/`last` merged, RUN_DIR/adapter alone); a resumed run re-reads the base it records.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from lmforge.data.parallel import prepare_parallel
 from lmforge.data.prepare import PrepareConfig
 from lmforge.errors import LmforgeError
 from lmforge.models.encoder_decoder import EncoderDecoder
+from lmforge.train import distributed
 from lmforge.train.config import DataConfig, TrainConfig
-from lmforge.train.trainer import TrainResult, train
+from lmforge.train.lora import LoraConfig
+from lmforge.train.trainer import TrainResult, resolve_device, train
 
 DATA_SUBDIR = "data"
 
@@ -51,6 +57,7 @@ def finetune_seq2seq(
     device: str = "auto",
     resume: bool = False,
     progress: bool = True,
+    lora: LoraConfig | None = None,
 ) -> TrainResult:
     out_dir = Path(out_dir)
     data_dir = out_dir / DATA_SUBDIR
@@ -88,19 +95,27 @@ def finetune_seq2seq(
         source_field=(source_field or "source") if pairs_file else None,
         target_field=(target_field or "target") if pairs_file else None, max_length=max_length,
     )
-    prepare_parallel(prepare_config, data_dir, progress=progress, tokenizer=ckpt.tokenizer,
-                     source_tokenizer=ckpt.source_tokenizer)
-    data = open_data(data_dir)
-    steps_per_epoch = math.ceil(data.pairs("train") / batch_size)
-    max_iters = epochs * steps_per_epoch
-    train_config = TrainConfig(
-        objective="seq2seq", batch_size=batch_size, max_iters=max_iters, lr=lr, min_lr=0.0,
-        lr_schedule="linear", warmup_iters=round(warmup_ratio * max_iters), weight_decay=weight_decay,
-        beta2=0.999, grad_clip=grad_clip, label_smoothing=label_smoothing,
-        eval_interval=steps_per_epoch, eval_iters=max(1, math.ceil(data.pairs("val") / batch_size)),
-        patience=patience, precision=precision, seed=seed, device=device,
-    )
-    model_config = from_dict(type(ckpt.model.config), asdict(ckpt.model.config), "model")
-    return train(model_config, train_config, DataConfig(path=str(data_dir)), out_dir,
-                 progress=progress, init_model=ckpt.model)
-
+    # under torchrun: join the process group now, so that rank 0 alone writes RUN_DIR/data while
+    # the others wait; `train` then runs in this group and leaves it to us to leave
+    ranks, _ = distributed.setup(resolve_device(device))
+    try:
+        if ranks.is_main:
+            prepare_parallel(prepare_config, data_dir, progress=progress, tokenizer=ckpt.tokenizer,
+                             source_tokenizer=ckpt.source_tokenizer)
+        distributed.barrier(ranks)
+        data = open_data(data_dir)
+        # an epoch: every pair once, over all ranks' batches
+        steps_per_epoch = math.ceil(data.pairs("train") / (batch_size * ranks.world_size))
+        max_iters = epochs * steps_per_epoch
+        train_config = TrainConfig(
+            objective="seq2seq", batch_size=batch_size, max_iters=max_iters, lr=lr, min_lr=0.0,
+            lr_schedule="linear", warmup_iters=round(warmup_ratio * max_iters), weight_decay=weight_decay,
+            beta2=0.999, grad_clip=grad_clip, label_smoothing=label_smoothing,
+            eval_interval=steps_per_epoch, eval_iters=max(1, math.ceil(data.pairs("val") / batch_size)),
+            patience=patience, precision=precision, seed=seed, device=device,
+        )
+        model_config = from_dict(type(ckpt.model.config), asdict(ckpt.model.config), "model")
+        return train(model_config, train_config, DataConfig(path=str(data_dir)), out_dir,
+                     progress=progress, init_model=ckpt.model, lora=lora, base=base)
+    finally:
+        distributed.teardown(ranks)

@@ -16,8 +16,9 @@ at once, leaving the previous checkpoint as it was; a NaN/inf raises `TrainingDi
 Resuming restores weights, optimizer moments, the RNG and the data sampler, so a stopped and
 resumed run reproduces the uninterrupted run's losses exactly.
 
-Under torchrun (WORLD_SIZE > 1) the same loop runs data-parallel with DDP, rank 0 alone writing;
-`lmforge.train.distributed` holds the few pieces that keep the ranks in step.
+Under torchrun (WORLD_SIZE > 1) the same loop runs data-parallel with DDP or FSDP
+(train.parallel), rank 0 alone writing; `lmforge.train.distributed` holds the few pieces that
+keep the ranks in step.
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.train import distributed
 from lmforge.train.allocator import tune_cpu_allocator
 from lmforge.train.config import DataConfig, TrainConfig
+from lmforge.train.lora import (
+    ADAPTER_DIR,
+    LoraConfig,
+    apply_lora,
+    count_parameters,
+    lora_state_dict,
+    merged_state_dict,
+    resume_lora,
+    save_adapter,
+)
 from lmforge.train.objectives import CausalLM, MaskedLM, Seq2SeqLM, add_stats, move_batch
 from lmforge.train.optim import lr_at, make_optimizer
 from lmforge.train.precision import autocast_context, measure_matmul_peak, resolve_precision
@@ -221,6 +232,8 @@ def train(
     objective_wrapper: Callable[[Any], Any] | None = None,
     extra_meta: dict[str, Any] | None = None,
     on_step: Callable[[torch.nn.Module], None] | None = None,
+    lora: LoraConfig | None = None,
+    base: str | Path | None = None,
 ) -> TrainResult:
     """Train a GPT, a BERT or an encoder-decoder on a prepared data folder, writing checkpoints
     and logs into `out_dir`.
@@ -230,11 +243,23 @@ def train(
     `objective_wrapper` turns the objective into another with the same methods (distillation,
     `lmforge.compress.distill`); `extra_meta` adds sections to every checkpoint's config.json.
     `on_step(model)` runs after every optimizer step (magnitude pruning re-applies its zeros).
+
+    `lora` trains LoRA adapters over `init_model`'s frozen weights (`lmforge.train.lora`): `best`
+    and `last` are written merged (ordinary checkpoints), RUN_DIR/adapter holds best's adapter
+    alone, and last's state.pt the adapters unmerged. `base`, the checkpoint `init_model` was
+    read from, is recorded in the checkpoints and the adapter; a resumed LoRA run puts it back
+    under its adapters (or `init_model`, when given).
     """
     tc, run_dir = train_config, Path(out_dir)
     data = open_data(data_config.path)
     # under torchrun: join the process group; this rank's device (cuda:LOCAL_RANK on GPUs)
     ranks, device = distributed.setup(resolve_device(tc.device))
+    fsdp = ranks.enabled and tc.parallel == "fsdp"
+    if fsdp and tc.compile:
+        raise LmforgeError("train.compile=true does not work with train.parallel=fsdp (untested); "
+                           "drop one of them")
+    # FSDP builds the model on CPU and moves each shard to the device as it shards
+    init_device = torch.device("cpu") if fsdp else device
     if device.type == "cpu":
         tune_cpu_allocator()
 
@@ -245,13 +270,20 @@ def train(
             raise LmforgeError(
                 f"cannot resume: {str(run_dir / 'last')!r} does not exist (start without --resume)"
             )
-        ckpt = load_checkpoint(run_dir / "last", device=device)
+        ckpt = load_checkpoint(run_dir / "last", device=init_device)
         model, state = ckpt.model, load_train_state(ckpt.path)
         if model_config is not None and asdict(model_config) != asdict(model.config):
             raise LmforgeError(
                 "cannot change the model config when resuming; drop the model overrides"
             )
         model_config = model.config
+        if "lora" in ckpt.meta:  # `last` holds merged weights: the base goes back under the adapters
+            base = base if base is not None else ckpt.meta.get("base")
+            lora = resume_lora(model, {**ckpt.meta, "base": base}, state["lora"], lora, init_model,
+                               where=f"resuming {str(run_dir / 'last')!r}")
+        elif lora is not None:
+            raise LmforgeError("cannot add LoRA to a run being resumed (it trains every weight); drop the "
+                               "LoRA options")
     else:
         if model_config is None:
             raise LmforgeError("a model config is needed to start a new run")
@@ -267,7 +299,15 @@ def train(
 
             refuse_quantized(init_model, "train")
             model.load_state_dict(init_model.state_dict())
-        model = model.to(device)
+        if lora is not None:
+            if init_model is None:
+                raise LmforgeError("LoRA trains adapters over a pretrained model, not random weights: give "
+                                   "the model to start from (`lmforge train --init-from CKPT --lora`)")
+            apply_lora(model, lora)  # the adapters' random A draws from the seeded RNG too
+        model = model.to(init_device)
+    if lora is not None and fsdp:
+        raise LmforgeError("LoRA with train.parallel=fsdp is not supported (FSDP would shard a frozen base "
+                           "with few trainable tensors); use train.parallel=ddp")
     if tc.activation_checkpointing:
         checkpoint_blocks(model)
     if data.vocab_size > model_config.vocab_size:
@@ -278,7 +318,6 @@ def train(
     if objective_wrapper is not None:
         objective = objective_wrapper(objective)
     model.train()
-    optimizer = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
     batches = objective.sampler("train", tc.batch_size, seed=tc.seed)
     if ranks.enabled:  # this rank's share of the one stream of micro-batches
         batches = distributed.RankBatches(batches, ranks.rank, ranks.world_size)
@@ -287,10 +326,10 @@ def train(
         objective.sampler("val", tc.batch_size, seed=tc.seed)
 
     meta = {"train": asdict(tc), "data": asdict(data_config), "data_manifest": data.manifest,
-            **(extra_meta or {})}
+            **(extra_meta or {}), **({"base": str(base)} if base is not None else {}),
+            **({"lora": asdict(lora)} if lora is not None else {})}
     start_iter, best_val, evals_since_best = 0, None, 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
         batches.load_state_dict(state["batches"])
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and "cuda" in state["rng"]:
@@ -316,14 +355,21 @@ def train(
             )
     if ranks.enabled:  # dropout masks differ between ranks; resumable on any number of ranks
         torch.manual_seed(distributed.rank_seed(tc.seed, ranks.rank, start_iter))
-    ctx = autocast_context(device.type, precision)
+    # FSDP runs bf16 through its mixed-precision policy instead of autocast (see distributed)
+    ctx = autocast_context(device.type, "fp32" if fsdp else precision)
+    if fsdp:
+        distributed.shard_model(model, ranks, device, precision)
+    # after sharding: under FSDP the optimizer holds and steps this rank's shards
+    optimizer = make_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2))
+    if state is not None:
+        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
 
     def probe_loss() -> torch.Tensor:  # one batch's loss, for DDP to find unused parameters
         with ctx:
             probe = objective.sampler("train", tc.batch_size, seed=tc.seed + 1)
             return objective.loss(model, move_batch(probe.next_batch(), device))
 
-    ddp_model = distributed.wrap_model(model, ranks, device, probe_loss)  # or `model` itself
+    ddp_model = distributed.wrap_model(model, ranks, device, probe_loss)  # or `model` itself (FSDP)
     train_model = torch.compile(ddp_model) if tc.compile else ddp_model
 
     if isinstance(model, GPT):
@@ -339,11 +385,13 @@ def train(
         flops_per_token = model.flops_per_token(seq_len, data_config.mlm_probability)
     say = tqdm.write if ranks.is_main else _quiet
     say(
-        f"model: {type(model).__name__}, {model.num_params() / 1e6:.2f}M parameters, "
+        f"model: {model_class(model_config).__name__}, {model.num_params() / 1e6:.2f}M parameters, "
         f"{flops_per_token / 1e6:.1f} MFLOPs per token (6N + 12LdT), objective {objective.name}, "
         f"context {seq_len}, vocab {model_config.vocab_size}; up to "
         f"{tc.batch_size * tc.grad_accum_steps * ranks.world_size * seq_len:,} tokens per step, "
-        f"precision {precision}" + (f", {ranks.world_size} ranks (DDP)" if ranks.enabled else "")
+        f"precision {precision}" + (f", {ranks.world_size} ranks ({tc.parallel.upper()})" if ranks.enabled else "")
+        + (f"; LoRA rank {lora.rank} on {','.join(lora.target_modules)}: training "
+           + "{:,} of {:,} parameters".format(*count_parameters(model)) if lora is not None else "")
     )
     peak = measure_matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     metrics = None
@@ -357,21 +405,27 @@ def train(
             metrics.flush()
 
     def save(it: int, name: str = "last") -> None:
-        # DDP replicates the weights and the optimizer, and all ranks share one data stream
-        # state: rank 0's copy is the whole state, and resumes on any number of ranks
+        # DDP replicates the weights and the optimizer, FSDP gathers its shards to rank 0 (all
+        # ranks take part), and all ranks share one data stream state: rank 0 has the whole
+        # state, in one process's layout, and it resumes on any number of ranks
+        weights, optimizer_state = distributed.gather_state(
+            model, optimizer if name == "last" else None, ranks)
         if not ranks.is_main:
             return
+        if lora is not None:  # ordinary checkpoints, the adapters merged in; the model stays adapted
+            weights = merged_state_dict(model)
         train_state = None
         if name == "last":
             train_state = {
                 "iter": it,
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "batches": batches.state_dict(),
                 "rng": _rng_state(device),
                 "best_val_loss": best_val,
                 "evals_since_best": evals_since_best,
                 "precision": precision,
                 "world_size": ranks.world_size,  # for the record; resuming works on any
+                **({"lora": lora_state_dict(model)} if lora is not None else {}),
             }
         save_checkpoint(
             run_dir / name,
@@ -380,7 +434,10 @@ def train(
             extra={**meta, "iter": it},
             train_state=train_state,
             source_tokenizer=getattr(data, "source_tokenizer", None),
+            weights=weights,
         )
+        if lora is not None and name == "best":
+            save_adapter(model, run_dir / ADAPTER_DIR, base=base)
 
     # ---- the loop -----------------------------------------------------------------------------
     it, stop_reason, last_eval = start_iter, None, {}
@@ -460,7 +517,7 @@ def train(
             if not math.isfinite(step_loss):
                 raise TrainingDiverged(_diverged_message(f"loss is {step_loss}", it, run_dir))
             if tc.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                grad_norm = distributed.clip_grad_norm(model, tc.grad_clip)
                 if not torch.isfinite(grad_norm):
                     raise TrainingDiverged(
                         _diverged_message(f"gradient norm is {grad_norm.item()}", it, run_dir)

@@ -55,10 +55,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world_size, port, out_dirs, mc, tc, dc, counts_dir):
-    """One rank of a spawned run: train, and write how often DDP all-reduced gradients."""
+def spawn(target, world_size: int, *args) -> None:
+    """Run `target(rank, *args)` in `world_size` fresh processes, each with the environment
+    torchrun gives its ranks, so that `train` joins them into one gloo group."""
+    mp.spawn(_as_rank, nprocs=world_size, args=(world_size, free_port(), target, args))
+
+
+def _as_rank(rank, world_size, port, target, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    target(rank, *args)
+
+
+def _rank_main(rank, out_dirs, mc, tc, dc, counts_dir):
+    """One rank of a spawned run: train, and write how often DDP all-reduced gradients."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     import lmforge.train.distributed as distributed
@@ -92,8 +102,7 @@ def test_two_ranks_train_what_one_process_trains_and_checkpoints_move(tmp_path, 
     out_dirs = [tmp_path / "ddp", tmp_path / "rank1_out"]
     counts = tmp_path / "counts"
     counts.mkdir()
-    mp.spawn(_rank_main, nprocs=2, args=(2, free_port(), out_dirs, mc,
-                                         train_config(grad_accum_steps=2, max_iters=3), dc, counts))
+    spawn(_rank_main, 2, out_dirs, mc, train_config(grad_accum_steps=2, max_iters=3), dc, counts)
     assert not out_dirs[1].exists()
     assert load_train_state(tmp_path / "ddp" / "last")["world_size"] == 2
     # no_sync: one gradient all-reduce per optimizer step (the tiny model is one bucket), not
