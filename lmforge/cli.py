@@ -39,15 +39,27 @@ from lmforge.errors import LmforgeError
 # ---- prepare ---------------------------------------------------------------------------------
 def cmd_prepare(args: argparse.Namespace) -> None:
     from lmforge.data import PrepareConfig, prepare
+    from lmforge.data.prepare import tokenizer_of_checkpoint
 
+    tokenizer = source_tokenizer = None
+    if args.tokenizer_from is not None:
+        # a given tokenizer has its own kind, size and special tokens: options that shape a
+        # trained one would be silently ignored
+        wrong = [f"--{name.replace('_', '-')}" for name in ("tokenizer", "vocab_size", "sentinels")
+                 if getattr(args, name)] + ["--separate-tokenizers"] * args.separate_tokenizers
+        if wrong:
+            raise LmforgeError(f"--tokenizer-from uses the checkpoint's tokenizer as it is; drop {', '.join(wrong)}")
+        tokenizer, source_tokenizer = tokenizer_of_checkpoint(args.tokenizer_from)
     config = PrepareConfig(
-        source=args.data, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-        val_fraction=args.val_fraction, text_field=args.text_field, sentinels=args.sentinels,
+        source=args.data, tokenizer=tokenizer.kind if tokenizer else args.tokenizer or "bpe",
+        vocab_size=args.vocab_size, tokenizer_from=args.tokenizer_from,
+        val_fraction=args.val_fraction, text_field=args.text_field, sentinels=args.sentinels or 0,
         target=args.target, source_field=args.source_field, target_field=args.target_field,
         val_source=args.val_data, val_target=args.val_target, max_length=args.max_length,
         separate_tokenizers=args.separate_tokenizers,
     )
-    manifest = prepare(config, args.out, progress=not args.no_progress)
+    manifest = prepare(config, args.out, progress=not args.no_progress, tokenizer=tokenizer,
+                       source_tokenizer=source_tokenizer)
     if manifest.get("format") == "parallel":
         splits, dropped = manifest["splits"], manifest["dropped"]
         print(
@@ -199,8 +211,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         args.data, args.out, args.preset, args.config, args.set or [], args.resume
     )
     if init is not None:  # the model is the checkpoint's; its token ids must be the data's
-        model_config = init.model.config
         _check_same_vocabulary(init.tokenizer, data_config.path, args.init_from)
+        _add_pretraining_head(init, train_config.objective, args.init_from)
+        model_config = init.model.config
     result = train(model_config if not args.resume else None, train_config, data_config, args.out,
                    resume=args.resume, progress=not args.no_progress,
                    init_model=None if init is None else init.model, lora=lora, base=args.init_from)
@@ -241,6 +254,26 @@ def _init_from(args: argparse.Namespace):
         wrong = ["--preset"] * bool(args.preset) + model_keys + [f"{name} in {args.config}" for name in in_file]
         raise LmforgeError(f"--init-from takes the model from the checkpoint; drop {', '.join(wrong)}")
     return ckpt
+
+
+def _add_pretraining_head(init, objective: str, checkpoint: str) -> None:
+    """A BERT checkpoint without a masked-LM head (a sentence encoder such as all-MiniLM-L6-v2, a
+    classifier) gets one to go on pretraining: fresh head weights over its encoder, as HF's
+    `BertForMaskedLM.from_pretrained` does for a `BertModel` checkpoint. objective auto means MLM
+    there (domain-adaptive pretraining); mlm_nsp adds the NSP head as well."""
+    from lmforge.models.bert import Bert
+    from lmforge.train.finetune import model_for_task
+
+    if not isinstance(init.model, Bert) or objective not in ("auto", "mlm", "mlm_nsp"):
+        return  # other objectives are checked, with their own errors, by `train`
+    head = init.model.config.head
+    wanted = "pretraining" if objective == "mlm_nsp" else "mlm"
+    if head == "pretraining" or (head == "mlm" and wanted == "mlm"):
+        return
+    init.model, fresh = model_for_task(init.model, wanted, [])
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{checkpoint} has head {head!r}: added a {'masked-LM + NSP' if wanted == 'pretraining' else 'masked-LM'} "
+              f"head for train.objective={objective}; newly initialised: {', '.join(fresh)}")
 
 
 def _check_same_vocabulary(tokenizer, data_path: str, checkpoint: str) -> None:
@@ -991,14 +1024,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="clean text, train a tokenizer, write token shards")
     p.add_argument("--data", required=True, help="text file, folder, glob, JSONL file, or builtin:pydocs")
-    p.add_argument("--tokenizer", default="bpe",
+    p.add_argument("--tokenizer", default=None,
                    help="bpe (byte-level BPE, for GPTs), wordpiece (BERT; keeps sentence and document "
                         "boundaries for NSP) or char (default: bpe)")
+    p.add_argument("--tokenizer-from", metavar="CKPT",
+                   help="use this checkpoint's tokenizer (lmforge checkpoint or run folder, or Hugging Face "
+                        "folder) instead of training one: data that `lmforge train --init-from CKPT` can "
+                        "continue training the checkpoint on")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="BPE/WordPiece vocabulary size (default: 8192)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of tokens for validation")
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
-    p.add_argument("--sentinels", type=int, default=0,
+    p.add_argument("--sentinels", type=int, default=None,
                    help="add N T5 sentinel tokens <extra_id_i> (and <pad> </s> <unk>) for span corruption")
     g = p.add_argument_group("parallel text (sequence to sequence)")
     g.add_argument("--target", help="target side: a file aligned line by line with --data (gzip ok)")

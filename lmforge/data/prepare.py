@@ -78,6 +78,8 @@ class PrepareConfig:
     max_length: int = 256  # parallel pairs with a side longer than this (in tokens) are dropped
     # parallel text: one BPE per side (each of vocab_size) instead of one joint vocabulary
     separate_tokenizers: bool = False
+    # where a given tokenizer came from (`--tokenizer-from CKPT`), recorded in the manifest
+    tokenizer_from: str | None = None
 
     def __post_init__(self) -> None:
         check(
@@ -149,16 +151,24 @@ def is_data_dir(path: Path) -> bool:
     return isinstance(manifest, dict) and "format_version" in manifest and "tokens" in manifest
 
 
-def prepare(config: PrepareConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+def prepare(
+    config: PrepareConfig, out_dir: str | Path, progress: bool = True, tokenizer: Tokenizer | None = None,
+    source_tokenizer: Tokenizer | None = None,
+) -> dict[str, Any]:
     """Build DATA_DIR at `out_dir` from `config.source` and return its manifest.
 
-    The folder is written whole into `.NAME.tmp` beside `out_dir` and renamed into place, so a
-    failed run leaves the previous data folder (if any) untouched.
+    A given `tokenizer` (a pretrained model's: `tokenizer_of_checkpoint`) is used as it is, so
+    that the model can go on training on this data (`lmforge train --init-from`); else one of
+    `config.tokenizer`'s kind is trained on the data. The folder is written whole into
+    `.NAME.tmp` beside `out_dir` and renamed into place, so a failed run leaves the previous data
+    folder (if any) untouched.
     """
     if config.parallel:
         from lmforge.data.parallel import prepare_parallel
 
-        return prepare_parallel(config, out_dir, progress)
+        return prepare_parallel(config, out_dir, progress, tokenizer, source_tokenizer)
+    if source_tokenizer is not None:
+        raise LmforgeError("a separate source tokenizer applies to parallel text only (sentence pairs)")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     description = describe_source(config.source)  # resolves SRC: a bad path fails before any work
@@ -171,8 +181,12 @@ def prepare(config: PrepareConfig, out_dir: str | Path, progress: bool = True) -
         unit=" docs",
         disable=not progress,
     )
-    texts = _training_texts(documents, fingerprint, counts, config.tokenizer)
-    tokenizer = train_tokenizer(config.tokenizer, texts, config.vocab_size, sentinels=config.sentinels)
+    if tokenizer is None:
+        texts = _training_texts(documents, fingerprint, counts, config.tokenizer)
+        tokenizer = train_tokenizer(config.tokenizer, texts, config.vocab_size, sentinels=config.sentinels)
+    else:  # the fingerprint and counts still come from this pass
+        for _ in _training_texts(documents, fingerprint, counts, tokenizer.kind):
+            pass
     dtype = token_dtype(tokenizer.vocab_size)
 
     with atomic_dir(out_dir) as tmp:
@@ -233,10 +247,22 @@ def prepare(config: PrepareConfig, out_dir: str | Path, progress: bool = True) -
             "val_fraction": config.val_fraction,
             "shard_tokens": config.shard_tokens,
             "warnings": warnings,
+            **({"tokenizer_from": config.tokenizer_from} if config.tokenizer_from else {}),
             "created_by": f"lmforge {_version()}",
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def tokenizer_of_checkpoint(path: str | Path) -> tuple[Tokenizer, Tokenizer | None]:
+    """The tokenizer of a checkpoint (an lmforge checkpoint or run folder, or a Hugging Face
+    folder), without loading its weights; and its source-side tokenizer when it has one (an
+    encoder-decoder with a vocabulary per side)."""
+    from lmforge.checkpoint import SOURCE_TOKENIZER_DIR, resolve_checkpoint_dir
+
+    directory = resolve_checkpoint_dir(path)
+    source = directory / SOURCE_TOKENIZER_DIR
+    return Tokenizer.load(directory), Tokenizer.load(source) if source.is_dir() else None
 
 
 def _check_out_dir(out_dir: Path) -> None:

@@ -52,7 +52,7 @@ from lmforge.data.tasks import (
 )
 from lmforge.errors import LmforgeError
 from lmforge.eval.metrics import accuracy, entity_scores, macro_f1
-from lmforge.models.bert import Bert, BertConfig
+from lmforge.models.bert import POOLED_HEADS, Bert, BertConfig
 from lmforge.predict import class_probabilities, is_iob2, tag_words
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.lora import (
@@ -265,7 +265,8 @@ def model_for_task(base: Bert, task: str, labels: list[str]) -> tuple[Bert, list
     the parameters that start fresh (the head, and a pooler the base lacked). A base that already
     has this task's head for the same labels keeps it (fine-tuning a classifier further, e.g. to
     recover after pruning). Task "mlm" (labels []) keeps the base's masked-LM head wherever it has
-    one (heads "mlm" and "pretraining")."""
+    one (heads "mlm" and "pretraining"); task "pretraining" (MLM + NSP, for `lmforge train
+    --init-from` over an encoder without that head) keeps its masked-LM head too."""
     config = from_dict(
         BertConfig,
         {
@@ -273,14 +274,14 @@ def model_for_task(base: Bert, task: str, labels: list[str]) -> tuple[Bert, list
             "head": task,
             "num_labels": len(labels) or base.config.num_labels,
             "labels": list(labels),
-            # sentence classification reads the pooled [CLS]; HF's token classifier has no pooler
-            "pooler": task == "classification",
+            # sentence heads read the pooled [CLS]; HF's token classifier has no pooler
+            "pooler": task in POOLED_HEADS,
         },
         section="model",
     )
     model = Bert(config)
     same_head = base.config.head == task and list(base.config.labels or []) == list(labels)
-    kept = ENCODER_PREFIXES + (("mlm.",) if task == "mlm" else ())
+    kept = ENCODER_PREFIXES + (("mlm.",) if task in ("mlm", "pretraining") else ())
     encoder = {
         k: v
         for k, v in base.state_dict().items()

@@ -159,3 +159,21 @@ def test_prepare_config_validation():
 def test_token_dtype():
     assert token_dtype(50257) == np.uint16 and token_dtype(65536) == np.uint16
     assert token_dtype(65537) == np.uint32
+
+
+def test_prepare_with_a_given_tokenizer_keeps_its_ids(corpus, tmp_path):
+    """A pretrained model's tokenizer is used as it is (no training): the stream is its ids of
+    the documents, and DATA_DIR carries the same vocabulary."""
+    given = train_tokenizer("bpe", ["a different text to learn merges from, " * 20], vocab_size=280)
+    manifest = prepare(
+        PrepareConfig(corpus, tokenizer=given.kind, tokenizer_from="some/checkpoint"),
+        tmp_path / "data",
+        progress=False,
+        tokenizer=given,
+    )
+    saved = Tokenizer.load(tmp_path / "data")
+    assert saved.backend.get_vocab() == given.backend.get_vocab()
+    assert manifest["vocab_size"] == given.vocab_size and manifest["tokenizer_from"] == "some/checkpoint"
+    assert manifest["documents"] == 3 and manifest["source_sha256"] == source_fingerprint(corpus)
+    expected = [i for doc in read_documents(corpus) for i in [*given.encode(doc), given.eos_id]]
+    assert stream(tmp_path / "data", manifest).tolist() == expected
