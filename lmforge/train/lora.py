@@ -326,6 +326,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
+def frozen_matmul_weights(model: nn.Module) -> int:
+    """Weights of the frozen Linear layers (a LoRA base's, tied ones once): their backward
+    computes the input gradient but no weight gradient, 4 FLOPs per weight and token instead of
+    the 6 of `flops_per_token`'s 6N."""
+    return sum(m.weight.numel() for m in model.modules()
+               if isinstance(m, nn.Linear) and not m.weight.requires_grad)
+
+
 # ---- adapter folders -------------------------------------------------------------------------
 def config_hash(model: nn.Module) -> str:
     """A short hash of the model config: tells whether an adapter was made for this model."""

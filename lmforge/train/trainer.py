@@ -52,6 +52,7 @@ from lmforge.train.lora import (
     LoraConfig,
     apply_lora,
     count_parameters,
+    frozen_matmul_weights,
     lora_state_dict,
     merged_state_dict,
     resume_lora,
@@ -383,10 +384,14 @@ def train(
     else:  # the MLM decoder scores only the masked positions
         seq_len = data_config.max_length
         flops_per_token = model.flops_per_token(seq_len, data_config.mlm_probability)
+    flops_formula = "6N + 12LdT"
+    if lora is not None:  # a frozen matrix gets no weight gradient: 4 FLOPs per weight, not 6
+        flops_per_token -= 2 * frozen_matmul_weights(model)
+        flops_formula += " - 2N_frozen"
     say = tqdm.write if ranks.is_main else _quiet
     say(
         f"model: {model_class(model_config).__name__}, {model.num_params() / 1e6:.2f}M parameters, "
-        f"{flops_per_token / 1e6:.1f} MFLOPs per token (6N + 12LdT), objective {objective.name}, "
+        f"{flops_per_token / 1e6:.1f} MFLOPs per token ({flops_formula}), objective {objective.name}, "
         f"context {seq_len}, vocab {model_config.vocab_size}; up to "
         f"{tc.batch_size * tc.grad_accum_steps * ranks.world_size * seq_len:,} tokens per step, "
         f"precision {precision}" + (f", {ranks.world_size} ranks ({tc.parallel.upper()})" if ranks.enabled else "")

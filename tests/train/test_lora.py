@@ -331,3 +331,17 @@ def test_lora_token_classification(files):  # noqa: F811
     assert {n for n in adapter if "lora_" not in n} == {"classifier.weight", "classifier.bias"}
     best = load_checkpoint(out / "best").model
     assert best.config.head == "token-classification" and best.config.labels == result.labels
+
+
+def test_frozen_matmul_weights_counts_what_gets_no_weight_gradient():
+    """The MFU of a LoRA run counts 4 FLOPs (not 6) for these: every frozen Linear weight, the
+    tied lm_head once, and nothing that trains."""
+    from lmforge.train.lora import frozen_matmul_weights
+
+    model = tiny_gpt(64)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert frozen_matmul_weights(model) == 0  # nothing frozen before LoRA
+    apply_lora(model, LoraConfig(rank=2, target_modules=("c_attn",)))
+    assert frozen_matmul_weights(model) == sum(m.weight.numel() for m in linears)
+    model.lm_head.weight.requires_grad_(True)  # e.g. a head trained in full
+    assert frozen_matmul_weights(model) == sum(m.weight.numel() for m in linears) - model.lm_head.weight.numel()
