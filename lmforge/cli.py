@@ -270,7 +270,7 @@ def _add_pretraining_head(init, objective: str, checkpoint: str) -> None:
     wanted = "pretraining" if objective == "mlm_nsp" else "mlm"
     if head == "pretraining" or (head == "mlm" and wanted == "mlm"):
         return
-    init.model, fresh = model_for_task(init.model, wanted, [])
+    init.model, fresh = model_for_task(init.model, wanted, [], keep_pooler=True)
     if os.environ.get("RANK", "0") == "0":
         print(f"{checkpoint} has head {head!r}: added a {'masked-LM + NSP' if wanted == 'pretraining' else 'masked-LM'} "
               f"head for train.objective={objective}; newly initialised: {', '.join(fresh)}")

@@ -260,13 +260,17 @@ def task_loss(model: Bert, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
-def model_for_task(base: Bert, task: str, labels: list[str]) -> tuple[Bert, list[str]]:
+def model_for_task(
+    base: Bert, task: str, labels: list[str], keep_pooler: bool = False
+) -> tuple[Bert, list[str]]:
     """A Bert with the task's head over a copy of `base`'s encoder; returns it and the names of
     the parameters that start fresh (the head, and a pooler the base lacked). A base that already
     has this task's head for the same labels keeps it (fine-tuning a classifier further, e.g. to
     recover after pruning). Task "mlm" (labels []) keeps the base's masked-LM head wherever it has
     one (heads "mlm" and "pretraining"); task "pretraining" (MLM + NSP, for `lmforge train
-    --init-from` over an encoder without that head) keeps its masked-LM head too."""
+    --init-from` over an encoder without that head) keeps its masked-LM head too. `keep_pooler`
+    keeps the base's pooler beside a head that does not read it (continued pretraining: the
+    pooler is trained and a later classifier wants it)."""
     config = from_dict(
         BertConfig,
         {
@@ -275,7 +279,7 @@ def model_for_task(base: Bert, task: str, labels: list[str]) -> tuple[Bert, list
             "num_labels": len(labels) or base.config.num_labels,
             "labels": list(labels),
             # sentence heads read the pooled [CLS]; HF's token classifier has no pooler
-            "pooler": task in POOLED_HEADS,
+            "pooler": task in POOLED_HEADS or (keep_pooler and bool(base.config.pooler)),
         },
         section="model",
     )

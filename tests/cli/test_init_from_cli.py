@@ -86,6 +86,8 @@ def test_bert_encoder_without_mlm_head_gets_one(corpus, tmp_path, capsys, object
     assert "has head 'none': added a" in out and fresh in out
     trained = load_checkpoint(tmp_path / "run" / "last").model
     assert trained.config.head == head and trained.config.n_layer == 2
+    # the encoder's trained pooler is kept (MLM never reads it, so it is unchanged)
+    assert trained.config.pooler and torch.equal(trained.pooler.weight, encoder.pooler.weight) == (head == "mlm")
     # the encoder started from the checkpoint: the embedding moved only by 2 small steps
     start = encoder.state_dict()["embeddings.word.weight"]
     assert (trained.state_dict()["embeddings.word.weight"] - start).abs().max() < 0.05
