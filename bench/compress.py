@@ -148,29 +148,33 @@ def measure_gpt(ckpt: str, dtype: str, data: str, hf: bool, draft: str | None) -
 
 
 def measure_speculative(target, draft, prompts: list[list[int]], greedy) -> dict:
-    """Plain greedy vs speculative greedy, one prompt at a time (batch 1): tokens/s and equality."""
+    """Plain greedy vs speculative greedy, one prompt at a time (batch 1): tokens/s and equality;
+    with the draft's steps eager, and compiled (`generate --draft --compile`; the warm-up call
+    compiles)."""
+    import dataclasses
+
     from lmforge.generate import generate_ids
     from lmforge.generate.speculative import speculative_generate_ids
 
     def plain():
         return [generate_ids(target, [p], greedy)[0] for p in prompts]
 
-    stats = {}
+    out = {}
+    expected, t_plain = plain(), timed(plain)
+    out["greedy_b1_tok_s"] = len(prompts) * NEW_TOKENS / t_plain
+    for name, config in (("speculative", greedy), ("speculative_compiled", dataclasses.replace(greedy, compile=True))):
+        stats = {}
 
-    def spec():
-        ids, s = speculative_generate_ids(target, draft, prompts, greedy)
-        stats.update(s.as_dict())
-        return ids
+        def spec(config=config, stats=stats):
+            ids, s = speculative_generate_ids(target, draft, prompts, config)
+            stats.update(s.as_dict())
+            return ids
 
-    same = plain() == spec()
-    t_plain, t_spec = timed(plain), timed(spec)
-    return {
-        "greedy_b1_tok_s": len(prompts) * NEW_TOKENS / t_plain,
-        "speculative_b1_tok_s": len(prompts) * NEW_TOKENS / t_spec,
-        "speculative_speedup": t_plain / t_spec,
-        "speculative_equal": same,
-        "speculative_stats": stats,
-    }
+        same = spec() == expected
+        t_spec = timed(spec)
+        out |= {f"{name}_b1_tok_s": len(prompts) * NEW_TOKENS / t_spec, f"{name}_speedup": t_plain / t_spec,
+                f"{name}_equal": same, f"{name}_stats": stats}
+    return out
 
 
 def measure_bert(ckpt: str, dtype: str, dev_file: str, hf: bool) -> dict:
@@ -379,11 +383,12 @@ def report(gpt: list[dict], bert: list[dict]) -> str:
                 f"{q['decode_tok_s_b8'] / fp32['decode_tok_s_b8']:.2f}x (b8); "
                 f"val ppl {100 * (q['val_ppl'] / fp32['val_ppl'] - 1):+.2f}%"
             )
-        parts.append(
-            f"speculative greedy (draft 2L/128, batch 1): {fp32['speculative_b1_tok_s']:.0f} vs "
-            f"{fp32['greedy_b1_tok_s']:.0f} tok/s = {fp32['speculative_speedup']:.2f}x, same output: "
-            f"{fp32['speculative_equal']}, {fp32['speculative_stats']}"
-        )
+        for name, label in (("speculative", "eager draft"), ("speculative_compiled", "compiled draft")):
+            parts.append(
+                f"speculative greedy (draft 2L/128, {label}, batch 1): {fp32[f'{name}_b1_tok_s']:.0f} vs "
+                f"{fp32['greedy_b1_tok_s']:.0f} tok/s = {fp32[f'{name}_speedup']:.2f}x, same output: "
+                f"{fp32[f'{name}_equal']}, {fp32[f'{name}_stats']}"
+            )
     if bert:
         parts.append(table(bert, [
             ("size_mb", "size MB", ".1f"), ("peak_mem_mb", "peak mem MB", ".0f"),

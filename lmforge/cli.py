@@ -1090,7 +1090,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-draft-tokens", type=int, default=4,
                    help="tokens the draft proposes per target pass (default: 4)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the one-token decode step (pays off on few machines; see README)")
+                   help="torch.compile the one-token decode step; with --draft, the draft's step "
+                        "(pays off on few machines; see README)")
     g.add_argument("--dtype", choices=("fp32", "bf16", "auto"), default="fp32",
                    help="weights' dtype for decoding; auto: bf16 on a GPU or a CPU with native bf16 "
                         "(default: fp32)")

@@ -18,6 +18,12 @@ Per step, for a sequence of t tokens whose last one the target has not read yet:
   caches: both roll back (`KVCache.truncate`) to the t + n tokens they have read correctly.
 k is K, or fewer near max_new_tokens, so that no pass produces more than is asked for.
 
+With `compile=True` the draft's one-token steps run compiled (`lmforge.generate.fast`): a small
+draft's step is mostly per-op overhead, which compilation removes, and the draft steps are a
+large part of each iteration. Its cache then spans the draft's whole context, so the step
+compiles once per draft, whatever the prompt's length. The target's passes stay eager: their
+length varies from pass to pass, and they are bound by reading the target's weights.
+
 Rows are decoded one after another, each with a batch of one: rows accept different numbers of
 tokens, which a cache with one write position for the whole batch cannot follow. Tokens still
 reach `on_step` one at a time, so eos, max_new_tokens and stop strings end a row exactly where
@@ -41,7 +47,8 @@ from lmforge.generate.engine import (
     _next_logits,
     forbid_early_eos,
 )
-from lmforge.generate.sampling import next_tokens
+from lmforge.generate.fast import static_decode_step
+from lmforge.generate.sampling import PAD, next_tokens
 from lmforge.nn import KVCache
 
 
@@ -81,10 +88,6 @@ def check_draft(target: nn.Module, draft: nn.Module, config: GenerationConfig) -
             "speculative decoding returns the target's greedy output and supports greedy decoding "
             f"only: set do_sample=False (--greedy) and num_beams=1 (got do_sample={config.do_sample}, "
             f"num_beams={config.num_beams})"
-        )
-    if config.compile:
-        raise LmforgeError(
-            "compile applies to plain decoding, not to speculative decoding: drop compile or the draft"
         )
     for role, model in (("target", target), ("draft", draft)):
         if not hasattr(model, "new_kv_cache") or not hasattr(model.config, "block_size"):
@@ -171,7 +174,8 @@ def _decode_row(
     device = next(target.parameters()).device
     tokens = torch.zeros(1, total, dtype=torch.long, device=device)  # prompt, then continuation
     tokens[0, :L] = torch.tensor(prompt, device=device)
-    target_cache, draft_cache = target.new_kv_cache(1, total), draft.new_kv_cache(1, total)
+    target_cache = target.new_kv_cache(1, total)
+    draft_logits = _DraftSteps(draft, total, config.compile, device)
 
     def choose(logits: torch.Tensor, t: int) -> int:
         """The greedy choice (with the configured penalties) after tokens[:, :t]."""
@@ -195,7 +199,7 @@ def _decode_row(
         # the target has read tokens[:, :t-1]; its pass yields at most k + 1 of the total - t left
         k = min(config.num_draft_tokens, total - t - 1)
         for j in range(k):  # the draft's proposals go where they would be kept: tokens[:, t:t+k]
-            tokens[0, t + j] = choose(_next_logits(draft, tokens[:, : t + j], False, draft_cache), t + j)
+            tokens[0, t + j] = choose(draft_logits(tokens, t + j), t + j)
         proposals = tokens[0, t : t + k].tolist()
         logits = _pass(target, tokens[:, : t + k], target_cache)  # (k + 1, V): after x_t, d_1 .. d_k
         new = []
@@ -209,7 +213,30 @@ def _decode_row(
         stats.accepted += n
         # both caches keep what they read of x_1 .. x_t, d_1 .. d_n, the tokens that stay
         target_cache.truncate(t + n)
-        draft_cache.truncate(min(draft_cache.pos, t + n))
+        draft_logits.cache.truncate(min(draft_logits.cache.pos, t + n))
+
+
+class _DraftSteps:
+    """`draft_logits(tokens, n)`: the draft's logits (1, V) after tokens[:, :n], from its cache.
+
+    Eager, the draft reads what its cache lacks in one pass. Compiled, the newest token goes
+    through the static-shape step (`static_decode_step`), which reads its own PAD-filled copy of
+    the tokens, as long as the draft's cache (and so the compiled shape); a draft that lags by
+    more than one token (all proposals accepted) first catches up eagerly."""
+
+    def __init__(self, draft: nn.Module, total: int, compiled: bool, device: torch.device):
+        self.draft, self.compiled = draft, compiled
+        self.cache = draft.new_kv_cache(1, draft.config.block_size if compiled else total)
+        self.static_tokens = torch.full((1, self.cache.max_len), PAD, dtype=torch.long, device=device)
+
+    def __call__(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
+        if not self.compiled:
+            return _next_logits(self.draft, tokens[:, :n], False, self.cache)
+        if self.cache.pos < n - 1:
+            self.draft(tokens[:, self.cache.pos : n - 1], kv_cache=self.cache, last_only=True)
+        self.static_tokens[0, :n] = tokens[0, :n]
+        self.static_tokens[0, n:] = PAD  # rejected proposals of earlier passes are no tokens
+        return static_decode_step(self.draft, self.cache, self.static_tokens, n)
 
 
 def _pass(model: nn.Module, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -3,6 +3,8 @@ acceptance counts; cache rollback; the errors a user can cause."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from lmforge.errors import LmforgeError
 from lmforge.generate import (
     GenerationConfig,
     SpeculativeStats,
+    fast,
     generate,
     generate_ids,
     speculative_generate_ids,
@@ -158,7 +161,6 @@ def test_kv_cache_truncate():
     [
         (GenerationConfig(do_sample=True), "greedy decoding only"),
         (GenerationConfig(do_sample=False, num_beams=2), "greedy decoding only"),
-        (GenerationConfig(do_sample=False, compile=True), "compile"),
     ],
 )
 def test_greedy_only(target, config, message):
@@ -186,3 +188,32 @@ def test_draft_mismatches(target, char_tokenizer, bpe_tokenizer):
     with pytest.raises(LmforgeError, match="tokenizer"):
         check_draft_tokenizer(char_tokenizer, bpe_tokenizer)
     check_draft_tokenizer(bpe_tokenizer, bpe_tokenizer)  # the same one passes
+
+
+@pytest.mark.parametrize("make_draft", [lambda t: t, lambda t: unrelated_draft(), lambda t: constant_draft()],
+                         ids=["same", "unrelated", "constant"])
+@pytest.mark.parametrize("K, max_new_tokens", [(1, 12), (4, 12), (4, 1), (3, 29)])
+def test_static_draft_steps_propose_what_eager_ones_do(target, make_draft, K, max_new_tokens, monkeypatch):
+    """compile=True runs the draft's one-token steps through the static-shape step (here left
+    uncompiled): catching up after full acceptance, rolling back after rejections, up to the
+    context limit (prompt 3 + 29 = the tiny models' 32), it proposes what eager steps propose."""
+    monkeypatch.setattr(fast, "_compiled_step", lambda: fast._static_step)
+    draft = make_draft(target)
+    config = greedy(num_draft_tokens=K, max_new_tokens=max_new_tokens)
+    prompts = PROMPTS if max_new_tokens < 29 else PROMPTS[:1]
+    eager_ids, eager_stats = speculative_generate_ids(target, draft, prompts, config)
+    static_ids, static_stats = speculative_generate_ids(
+        target, draft, prompts, greedy(num_draft_tokens=K, max_new_tokens=max_new_tokens, compile=True)
+    )
+    assert static_ids == eager_ids == generate_ids(target, prompts, config)
+    assert static_stats == eager_stats
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("c++") is None,
+                    reason="inductor's CPU backend needs a C++ compiler")
+def test_compiled_draft_gives_the_targets_greedy_output(target):
+    draft = unrelated_draft()
+    expected = generate_ids(target, PROMPTS, greedy(max_new_tokens=8))
+    config = greedy(max_new_tokens=8, compile=True)
+    assert speculative_generate_ids(target, draft, PROMPTS, config)[0] == expected
+    assert generate_ids(target, PROMPTS, config, draft_model=draft) == expected  # the graph, reused
