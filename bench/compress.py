@@ -38,6 +38,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # the models are local folders: nothing may 
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
@@ -151,8 +152,6 @@ def measure_speculative(target, draft, prompts: list[list[int]], greedy) -> dict
     """Plain greedy vs speculative greedy, one prompt at a time (batch 1): tokens/s and equality;
     with the draft's steps eager, and compiled (`generate --draft --compile`; the warm-up call
     compiles)."""
-    import dataclasses
-
     from lmforge.generate import generate_ids
     from lmforge.generate.speculative import speculative_generate_ids
 

@@ -227,14 +227,16 @@ class _DraftSteps:
     def __init__(self, draft: nn.Module, total: int, compiled: bool, device: torch.device):
         self.draft, self.compiled = draft, compiled
         self.cache = draft.new_kv_cache(1, draft.config.block_size if compiled else total)
-        self.static_tokens = torch.full((1, self.cache.max_len), PAD, dtype=torch.long, device=device)
+        if compiled:
+            self.static_tokens = torch.full((1, self.cache.max_len), PAD, dtype=torch.long, device=device)
 
     def __call__(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
         if not self.compiled:
             return _next_logits(self.draft, tokens[:, :n], False, self.cache)
-        if self.cache.pos < n - 1:
-            self.draft(tokens[:, self.cache.pos : n - 1], kv_cache=self.cache, last_only=True)
-        self.static_tokens[0, :n] = tokens[0, :n]
+        read = self.cache.pos  # static_tokens[:, :read] already hold what the cache has read
+        if read < n - 1:
+            self.draft(tokens[:, read : n - 1], kv_cache=self.cache, last_only=True)
+        self.static_tokens[0, read:n] = tokens[0, read:n]
         self.static_tokens[0, n:] = PAD  # rejected proposals of earlier passes are no tokens
         return static_decode_step(self.draft, self.cache, self.static_tokens, n)
 
